@@ -1,0 +1,220 @@
+"""The one interface every mirror implements, and the retry decorator they share.
+
+The rest of mirrorfs never knows which protocol it talks to: the uploader calls ``put``,
+``delete``, ``rename``; the read path calls ``open_read``; the admin tool calls ``list`` and
+``stat``. Keys are paths relative to the mirror's base (no leading slash), as ``str`` decoded
+with ``os.fsdecode`` (so non-UTF-8 names arrive as surrogate escapes; a remote that cannot store
+them raises :class:`InvalidKey` from :meth:`Remote.check_key`).
+
+All methods are trio coroutines. Blocking clients (boto3) run in ``trio.to_thread.run_sync``
+with a per-mirror CapacityLimiter; asyncio clients (aioftp) run on their own loop in one thread.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import trio
+
+from mirrorfs.errors import PermanentRemoteError, RemoteError
+
+log = logging.getLogger(__name__)
+
+#: Size of the chunks whose xxhash is recorded at upload; reads are verified per chunk.
+CHUNK_SIZE = 4 * 1024 * 1024
+
+#: Object metadata names (S3 user metadata keys; other remotes may keep them elsewhere).
+META_HASH = "mirrorfs-xxh3"
+META_SIZE = "mirrorfs-size"
+META_MTIME = "mirrorfs-mtime-ns"
+META_MODE = "mirrorfs-mode"
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What we store next to an object so that it can be verified and re-imported."""
+
+    size: int
+    xxhash: str | None = None  # hex xxh3_128 of the whole content
+    mtime_ns: int | None = None
+    mode: int | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        d = {META_SIZE: str(self.size)}
+        if self.xxhash is not None:
+            d[META_HASH] = self.xxhash
+        if self.mtime_ns is not None:
+            d[META_MTIME] = str(self.mtime_ns)
+        if self.mode is not None:
+            d[META_MODE] = "%o" % self.mode
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, str], size: int) -> ObjectMeta:
+        def _int(name: str, base: int = 10) -> int | None:
+            try:
+                return int(d[name], base)
+            except (KeyError, ValueError):
+                return None
+
+        return cls(
+            size=size,
+            xxhash=d.get(META_HASH),
+            mtime_ns=_int(META_MTIME),
+            mode=_int(META_MODE, 8),
+        )
+
+
+@dataclass(frozen=True)
+class RemoteStat:
+    """One object as the mirror reports it."""
+
+    key: str
+    size: int
+    mtime_ns: int | None = None  # the remote's own LastModified (not the file's mtime)
+    etag: str | None = None
+    meta: ObjectMeta | None = None  # our metadata, if the object carries it
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What was actually sent: the hash is computed on the way, from the bytes read."""
+
+    size: int
+    xxhash: str
+    etag: str | None = None
+
+
+@dataclass
+class ListPage:
+    entries: list[RemoteStat] = field(default_factory=list)
+    cursor: str | None = None  # None: listing complete
+
+
+class ReadStream(abc.ABC):
+    """A byte range being downloaded. Use as ``async with``; ``read()`` returns b"" at the end."""
+
+    @abc.abstractmethod
+    async def read(self) -> bytes: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> ReadStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with trio.CancelScope(shield=True):
+            await self.aclose()
+
+
+class Remote(abc.ABC):
+    """A mirror. Implementations: ``s3``, ``ftp``, ``dir`` (see ``remotes/__init__.py``)."""
+
+    #: the mirror's name from the config
+    name: str
+
+    @abc.abstractmethod
+    def check_key(self, key: str) -> None:
+        """Raise InvalidKey if this mirror cannot store ``key``. Pure, no I/O."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, local_path: str, meta: ObjectMeta) -> PutResult:
+        """Upload the file at ``local_path`` under ``key``, atomically (never half-visible).
+
+        Streams from disk with bounded memory and hashes what it sends (xxh3_128 hex).
+        ``meta.xxhash`` is what the caller computed beforehand; if the bytes sent differ the
+        caller sees it in ``PutResult.xxhash`` and must not record the upload as done.
+        """
+
+    @abc.abstractmethod
+    def open_read(self, key: str, start: int = 0, length: int | None = None) -> ReadStream:
+        """Stream ``length`` bytes (to the end if None) of ``key`` from ``start``.
+
+        Raises NotFound (from the first ``read()`` or from ``__aenter__``) if the key is missing.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error (deletes are replayed)."""
+
+    @abc.abstractmethod
+    async def rename(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst`` on the server, replacing ``dst``. NotFound if src is gone."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str = "", cursor: str | None = None,
+                   limit: int = 1000) -> ListPage:
+        """One page of objects under ``prefix`` (recursive), in key order, resumable."""
+
+    @abc.abstractmethod
+    async def stat(self, key: str) -> RemoteStat:
+        """The object's size and metadata; NotFound if missing."""
+
+    async def update_meta(self, key: str, meta: ObjectMeta) -> None:  # noqa: B027
+        """Replace the stored metadata (chmod, utime). Remotes without metadata do nothing."""
+
+    @abc.abstractmethod
+    async def probe(self) -> None:
+        """Write, read back and delete a small object; raise RemoteError if that fails."""
+
+    async def aclose(self) -> None:  # noqa: B027
+        """Release connections and threads."""
+
+    def url(self, key: str) -> str | None:
+        """Public URL of ``key`` if the config gives a URL base for this mirror."""
+        return None
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def retry(
+    attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0
+) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+    """Retry a remote coroutine on RemoteError with exponential backoff and full jitter.
+
+    The log level rises with the attempt number so that one blip stays quiet and a mirror
+    that keeps failing is visible. Permanent errors and NotFound pass straight through.
+    """
+
+    def deco(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            for attempt in range(1, attempts + 1):
+                try:
+                    return await fn(*args, **kwargs)
+                except PermanentRemoteError:
+                    raise
+                except RemoteError as exc:
+                    if attempt == attempts:
+                        raise
+                    delay = random.uniform(0, min(max_delay, base_delay * 2 ** attempt))
+                    level = logging.DEBUG if attempt == 1 else (
+                        logging.INFO if attempt < 3 else logging.WARNING)
+                    log.log(level, "%s failed (attempt %d/%d): %s; retrying in %.2fs",
+                            fn.__qualname__, attempt, attempts, exc, delay)
+                    await trio.sleep(delay)
+            raise AssertionError("unreachable")
+
+        return wrapper
+
+    return deco
+
+
+def make_remote(name: str, kind: str, options: dict[str, Any]) -> Remote:
+    """Build a remote from its config section (prefix map in ``remotes/__init__.py``)."""
+    from mirrorfs.remotes import REMOTE_CLASSES
+
+    try:
+        cls = REMOTE_CLASSES[kind]
+    except KeyError:
+        raise PermanentRemoteError(f"unknown mirror type {kind!r}") from None
+    return cls(name, options)
