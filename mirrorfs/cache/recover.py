@@ -1,0 +1,106 @@
+"""Startup repair: bring the registry, the cache directory and the journal back in line.
+
+Runs before the mount is served, with no handle open and no worker alive. Each step handles
+one row of the crash table in docs/ARCHITECTURE.md:
+
+- a job claimed by a worker that died is pending again (the lease ended with the process);
+- a file being written when the daemon died: its content file is the truth, so its size is
+  re-read and a new version journaled (nothing written and then closed is lost, and data
+  written but not yet closed is kept as well);
+- an unlinked file that was still open: its content file goes, its remote deletes stay queued;
+- a local file whose content file is missing or has the wrong size: remote-only if every mirror
+  holds it, else flagged LOST and logged at ERROR (never silently replaced);
+- a content file with no inode (crash between commit and unlink): removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+
+from mirrorfs.cache.db import (
+    F_LOST,
+    F_OPEN_WRITE,
+    F_ORPHAN,
+    LOCAL_FULL,
+    LOCAL_NONE,
+    U64,
+    Inode,
+)
+from mirrorfs.cache.registry import Registry
+from mirrorfs.cache.store import TMP_SUFFIX, Store
+
+log = logging.getLogger(__name__)
+
+
+def recover(reg: Registry, store: Store, full_check: bool) -> dict[str, int]:
+    """Repair after an unclean stop; ``full_check`` also compares every content file's size."""
+    counts = {"claims": 0, "reopened": 0, "orphans": 0, "missing": 0, "lost": 0, "stray": 0}
+    now = time.time()
+    with reg.db.begin(write=True) as txn:
+        for m in reg.mirrors:
+            counts["claims"] += reg.journal.release_claims(txn, m.index, now)
+    if not full_check:
+        _fix_flagged(reg, store, counts)
+        return counts
+    present = {ino: path for ino, path in store.iter_inos()}
+    seen: set[int] = set()
+    with reg.db.begin() as txn:
+        nodes = [Inode.unpack(v) for _k, v in txn.cursor(db=reg.inodes)]
+    for node in nodes:
+        if not stat.S_ISREG(node.mode):
+            continue
+        seen.add(node.ino)
+        _check_node(reg, store, node, present.get(node.ino), counts)
+    for ino, path in present.items():
+        if ino not in seen or path.endswith(TMP_SUFFIX):
+            if ino not in seen:
+                counts["stray"] += 1
+            os.unlink(path)
+    return counts
+
+
+def _fix_flagged(reg: Registry, store: Store, counts: dict[str, int]) -> None:
+    with reg.db.begin() as txn:
+        nodes = [Inode.unpack(v) for _k, v in txn.cursor(db=reg.inodes)]
+    for node in nodes:
+        if node.flags & (F_OPEN_WRITE | F_ORPHAN):
+            _check_node(reg, store, node, store.path(node.ino), counts)
+
+
+def _check_node(reg: Registry, store: Store, node: Inode, path: str | None,
+                counts: dict[str, int]) -> None:
+    if node.flags & F_ORPHAN:
+        store.remove(node.ino)
+        reg.release_orphan(node.ino)
+        counts["orphans"] += 1
+        return
+    if node.local != LOCAL_FULL:
+        return
+    size = store.size(node.ino) if path is not None else None
+    if node.flags & F_OPEN_WRITE and size is not None:
+        reg.commit_content(node.ino, size)
+        counts["reopened"] += 1
+        log.info("inode %d was being written when mirrorfs stopped: kept %d bytes",
+                 node.ino, size)
+        return
+    if size == node.size:
+        return
+    with reg.db.begin(write=True) as txn:
+        cur = reg.get_txn(txn, node.ino)
+        if cur is None:
+            return
+        if reg.is_dirty_txn(txn, node.ino) or not reg.mirrors:
+            cur.flags |= F_LOST
+            txn.put(U64.pack(cur.ino), cur.pack(), db=reg.inodes)
+            counts["lost"] += 1
+            log.error("content of %r (inode %d) is missing or truncated in the cache and not "
+                      "on every mirror: flagged LOST", reg.path_txn(txn, cur), cur.ino)
+        else:
+            reg.set_local(txn, cur, LOCAL_NONE)
+            counts["missing"] += 1
+            log.warning("content of %r (inode %d) missing from the cache: now remote-only",
+                        reg.path_txn(txn, cur), cur.ino)
+    store.remove(node.ino)

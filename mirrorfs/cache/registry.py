@@ -1,0 +1,558 @@
+"""Inodes, directory entries, attributes and xattrs, and the journal entries they cause.
+
+Owns the namespace. Each public method is one short, synchronous LMDB write transaction that
+changes metadata, touches the journal for every mirror that must hear of it, and updates the
+counters -- all or nothing. Nothing here awaits; callers in the trio thread call it inline.
+
+Hard links are not supported (EPERM): objects on the mirrors are keyed by path, and one inode
+has exactly one (parent, name). Symlinks live in the registry only; mirrors do not get them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import lmdb
+
+from mirrorfs.cache.db import (
+    F_OPEN_WRITE,
+    F_ORPHAN,
+    LOCAL_FULL,
+    MQ,
+    ROOT_INO,
+    U16,
+    U64,
+    Database,
+    Inode,
+    RemoteCopy,
+    bump_counter,
+    get_counter,
+)
+from mirrorfs.cache.journal import Journal
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+NAME_MAX = 255
+
+
+class FsError(OSError):
+    """A POSIX error from a namespace operation (the registry's only exception)."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err, errno.errorcode.get(err, str(err)))
+
+
+@dataclass(frozen=True)
+class MirrorRule:
+    """Which paths a mirror takes, and how deletes reach it."""
+
+    index: int
+    name: str
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    delete_policy: str = "immediate"
+    delete_delay: float = 0.0
+
+    def wants(self, path: bytes) -> bool:
+        p = path.decode("utf-8", "surrogateescape")
+        if self.include and not any(fnmatch.fnmatchcase(p, pat) for pat in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(p, pat) for pat in self.exclude)
+
+
+def dentry_key(parent: int, name: bytes) -> bytes:
+    return U64.pack(parent) + name
+
+
+def is_file_like(mode: int) -> bool:
+    return not stat.S_ISDIR(mode)
+
+
+class Registry:
+    def __init__(self, db: Database, mirrors: list[MirrorRule], upload_delay: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.journal = Journal(db)
+        self.mirrors = mirrors
+        self.upload_delay = upload_delay
+        self.clock = clock
+        self.inodes = db.db["inodes"]
+        self.dentries = db.db["dentries"]
+        self.xattrs = db.db["xattrs"]
+        self.counters = db.db["counters"]
+        self.remote = db.db["remote"]
+        self.chunks = db.db["chunks"]
+        self.is_open: Callable[[int], bool] = lambda ino: False
+        self._ensure_root()
+
+    # ----------------------------------------------------------------- reading
+
+    def _ensure_root(self) -> None:
+        with self.db.begin(write=True) as txn:
+            if txn.get(U64.pack(ROOT_INO), db=self.inodes) is None:
+                now = time.time_ns()
+                root = Inode(ROOT_INO, ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, 0, now, now, now)
+                txn.put(U64.pack(ROOT_INO), root.pack(), db=self.inodes)
+                bump_counter(txn, self.counters, b"dirs", 1)
+
+    def get_txn(self, txn: lmdb.Transaction, ino: int) -> Inode | None:
+        v = txn.get(U64.pack(ino), db=self.inodes)
+        return Inode.unpack(v) if v else None
+
+    def get(self, ino: int) -> Inode | None:
+        with self.db.begin() as txn:
+            return self.get_txn(txn, ino)
+
+    def _must(self, txn: lmdb.Transaction, ino: int) -> Inode:
+        node = self.get_txn(txn, ino)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        return node
+
+    def lookup_txn(self, txn: lmdb.Transaction, parent: int, name: bytes) -> Inode | None:
+        v = txn.get(dentry_key(parent, name), db=self.dentries)
+        return self.get_txn(txn, U64.unpack(v)[0]) if v else None
+
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        with self.db.begin() as txn:
+            return self.lookup_txn(txn, parent, name)
+
+    def children_txn(self, txn: lmdb.Transaction, ino: int) -> Iterator[tuple[bytes, int]]:
+        prefix = U64.pack(ino)
+        cur = txn.cursor(db=self.dentries)
+        if not cur.set_range(prefix):
+            return
+        for key, val in cur:
+            if key[:8] != prefix:
+                break
+            yield bytes(key[8:]), U64.unpack(val)[0]
+
+    def list_dir(self, ino: int) -> list[tuple[bytes, int]]:
+        with self.db.begin() as txn:
+            return list(self.children_txn(txn, ino))
+
+    def path_txn(self, txn: lmdb.Transaction, node: Inode) -> bytes:
+        """The path under the mount, as the mirrors key it (no leading slash)."""
+        parts = [node.name]
+        parent = node.parent
+        while parent != ROOT_INO:
+            p = self.get_txn(txn, parent)
+            if p is None:
+                break
+            parts.append(p.name)
+            parent = p.parent
+        return b"/".join(reversed(parts))
+
+    def path_of(self, ino: int) -> bytes:
+        with self.db.begin() as txn:
+            node = self.get_txn(txn, ino)
+            return self.path_txn(txn, node) if node and ino != ROOT_INO else b""
+
+    def counter(self, name: bytes) -> int:
+        with self.db.begin() as txn:
+            return get_counter(txn, self.counters, name)
+
+    def is_dirty_txn(self, txn: lmdb.Transaction, ino: int) -> bool:
+        return self.journal.has_jobs(txn, [m.index for m in self.mirrors], ino)
+
+    def remote_copy(self, txn: lmdb.Transaction, mirror: int, ino: int) -> RemoteCopy | None:
+        v = txn.get(MQ.pack(mirror, ino), db=self.remote)
+        return RemoteCopy.unpack(v) if v else None
+
+    # ----------------------------------------------------------------- journaling
+
+    def _put(self, txn: lmdb.Transaction, node: Inode) -> None:
+        txn.put(U64.pack(node.ino), node.pack(), db=self.inodes)
+
+    def _journal(self, txn: lmdb.Transaction, node: Inode, path: bytes | None,
+                 delete: bool = False) -> None:
+        """Tell every mirror that must hear of it that ``node`` changed."""
+        if stat.S_ISLNK(node.mode):
+            return
+        was_dirty = self.is_dirty_txn(txn, node.ino)
+        now = self.clock()
+        touched = False
+        for m in self.mirrors:
+            wanted = path is not None and m.wants(path)
+            known = (txn.get(MQ.pack(m.index, node.ino), db=self.remote) is not None
+                     or self.journal.get(txn, m.index, node.ino) is not None)
+            if not (wanted or known):
+                continue
+            delay = self.upload_delay
+            if delete and m.delete_policy == "delayed":
+                delay = max(delay, m.delete_delay)
+            self.journal.touch(txn, m.index, node.ino, now + delay)
+            touched = True
+        if touched and not was_dirty and not node.flags & F_ORPHAN:
+            bump_counter(txn, self.counters, b"dirty_files", 1)
+            bump_counter(txn, self.counters, b"dirty_bytes", node.size)
+
+    def journal_subtree(self, txn: lmdb.Transaction, node: Inode) -> None:
+        """A directory moved: every file below it has a new path on the mirrors."""
+        stack = [node]
+        while stack:
+            d = stack.pop()
+            for _name, child_ino in self.children_txn(txn, d.ino):
+                child = self.get_txn(txn, child_ino)
+                if child is None:
+                    continue
+                if stat.S_ISDIR(child.mode):
+                    stack.append(child)
+                else:
+                    self._journal(txn, child, self.path_txn(txn, child))
+
+    def touch_all(self, txn: lmdb.Transaction, mirror: MirrorRule, due: float,
+                  batch_after: int = 0, limit: int = 0) -> tuple[int, int]:
+        """Queue every live file for one mirror (backfill); returns (queued, last ino seen)."""
+        cur = txn.cursor(db=self.inodes)
+        queued = last = 0
+        if not cur.set_range(U64.pack(batch_after + 1)):
+            return 0, 0
+        for key, val in cur:
+            node = Inode.unpack(val)
+            last = U64.unpack(key)[0]
+            if stat.S_ISREG(node.mode) and not node.flags & F_ORPHAN:
+                path = self.path_txn(txn, node)
+                if mirror.wants(path):
+                    was_dirty = self.is_dirty_txn(txn, node.ino)
+                    self.journal.touch(txn, mirror.index, node.ino, due)
+                    if not was_dirty:
+                        bump_counter(txn, self.counters, b"dirty_files", 1)
+                        bump_counter(txn, self.counters, b"dirty_bytes", node.size)
+                    queued += 1
+            if limit and last - batch_after >= limit:
+                break
+        return queued, last
+
+    def job_done(self, txn: lmdb.Transaction, mirror: int, ino: int, seq: int) -> None:
+        """The uploader reconciled (mirror, ino): drop the job and settle the counters."""
+        if not self.journal.complete(txn, mirror, ino, seq):
+            return
+        node = self.get_txn(txn, ino)
+        if node is None or self.is_dirty_txn(txn, ino):
+            return
+        if node.flags & F_ORPHAN:
+            if not self._has_remote(txn, ino) and not self.is_open(ino):
+                self._delete_record(txn, node)
+            return
+        bump_counter(txn, self.counters, b"dirty_files", -1)
+        bump_counter(txn, self.counters, b"dirty_bytes", -node.size)
+
+    def _has_remote(self, txn: lmdb.Transaction, ino: int) -> bool:
+        return any(txn.get(MQ.pack(m.index, ino), db=self.remote) is not None
+                   for m in self.mirrors)
+
+    # ----------------------------------------------------------------- changing
+
+    def _new_ino(self, txn: lmdb.Transaction) -> int:
+        meta = self.db.db["meta"]
+        v = txn.get(b"next_ino", db=meta)
+        ino = U64.unpack(v)[0]
+        txn.put(b"next_ino", U64.pack(ino + 1), db=meta)
+        return ino
+
+    def _dir_for_change(self, txn: lmdb.Transaction, parent: int) -> Inode:
+        d = self._must(txn, parent)
+        if not stat.S_ISDIR(d.mode):
+            raise FsError(errno.ENOTDIR)
+        return d
+
+    def mknode(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+               rdev: int = 0, target: bytes = b"") -> Inode:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        now = time.time_ns()
+        with self.db.begin(write=True) as txn:
+            d = self._dir_for_change(txn, parent)
+            if txn.get(dentry_key(parent, name), db=self.dentries) is not None:
+                raise FsError(errno.EEXIST)
+            if d.mode & stat.S_ISGID:
+                gid = d.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            ino = self._new_ino(txn)
+            is_dir = stat.S_ISDIR(mode)
+            size = len(target) if stat.S_ISLNK(mode) else 0
+            node = Inode(ino, parent, mode, uid, gid, 2 if is_dir else 1, size, now, now, now,
+                         rdev=rdev, ver=1, local=LOCAL_FULL, name=name, target=target)
+            self._put(txn, node)
+            txn.put(dentry_key(parent, name), U64.pack(ino), db=self.dentries)
+            d.mtime_ns = d.ctime_ns = now
+            if is_dir:
+                d.nlink += 1
+                bump_counter(txn, self.counters, b"dirs", 1)
+            elif stat.S_ISLNK(mode):
+                bump_counter(txn, self.counters, b"symlinks", 1)
+            else:
+                bump_counter(txn, self.counters, b"files", 1)
+                bump_counter(txn, self.counters, b"local_files", 1)
+                self._journal(txn, node, self.path_txn(txn, node))
+            self._put(txn, d)
+        return node
+
+    def setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+        now = time.time_ns()
+        with self.db.begin(write=True) as txn:
+            node = self._must(txn, ino)
+            old_size = node.size
+            journal = False
+            if mode is not None:
+                node.mode = (node.mode & ~0o7777) | (mode & 0o7777)
+                journal = True
+            if uid is not None:
+                node.uid = uid
+            if gid is not None:
+                node.gid = gid
+            if size is not None and size != node.size:
+                node.size = size
+                node.ver += 1
+                node.mtime_ns = now
+                journal = True
+            if atime_ns is not None:
+                node.atime_ns = atime_ns
+            if mtime_ns is not None and mtime_ns != node.mtime_ns:
+                node.mtime_ns = mtime_ns
+                journal = True
+            node.ctime_ns = ctime_ns if ctime_ns is not None else now
+            self._account_size(txn, node, old_size)
+            self._put(txn, node)
+            if journal and stat.S_ISREG(node.mode):
+                self._journal(txn, node, None if node.flags & F_ORPHAN
+                              else self.path_txn(txn, node))
+        return node
+
+    def _account_size(self, txn: lmdb.Transaction, node: Inode, old_size: int) -> None:
+        delta = node.size - old_size
+        if not delta or not stat.S_ISREG(node.mode) or node.flags & F_ORPHAN:
+            return
+        bump_counter(txn, self.counters, b"bytes", delta)
+        if node.local == LOCAL_FULL:
+            bump_counter(txn, self.counters, b"local_bytes", delta)
+        if self.is_dirty_txn(txn, node.ino):
+            bump_counter(txn, self.counters, b"dirty_bytes", delta)
+
+    def mark_open_write(self, ino: int) -> None:
+        """First write since the last commit: if we crash now, startup re-reads the size."""
+        with self.db.begin(write=True) as txn:
+            node = self._must(txn, ino)
+            if not node.flags & F_OPEN_WRITE:
+                node.flags |= F_OPEN_WRITE
+                self._put(txn, node)
+
+    def commit_content(self, ino: int, size: int, mtime_ns: int | None = None) -> Inode:
+        """Content written through a handle reached the cache file: new version, journal it."""
+        with self.db.begin(write=True) as txn:
+            node = self._must(txn, ino)
+            old_size = node.size
+            node.size = size
+            node.ver += 1
+            node.flags &= ~F_OPEN_WRITE
+            # With the kernel's writeback cache the kernel owns mtime and has already sent it
+            # in a setattr before this flush: mtime_ns=None keeps that value.
+            node.ctime_ns = time.time_ns()
+            if mtime_ns is not None:
+                node.mtime_ns = mtime_ns
+            self._account_size(txn, node, old_size)
+            self._put(txn, node)
+            self._journal(txn, node, None if node.flags & F_ORPHAN
+                          else self.path_txn(txn, node))
+        return node
+
+    def set_local(self, txn: lmdb.Transaction, node: Inode, local: int) -> None:
+        if node.local == local:
+            return
+        sign = 1 if local == LOCAL_FULL else -1
+        if not node.flags & F_ORPHAN:
+            bump_counter(txn, self.counters, b"local_files", sign)
+            bump_counter(txn, self.counters, b"local_bytes", sign * node.size)
+        node.local = local
+        self._put(txn, node)
+
+    def _unlink_txn(self, txn: lmdb.Transaction, parent: Inode, name: bytes,
+                    node: Inode, now: int) -> bool:
+        """Remove the entry; return True if the content file can be deleted now."""
+        txn.delete(dentry_key(parent.ino, name), db=self.dentries)
+        parent.mtime_ns = parent.ctime_ns = now
+        if stat.S_ISDIR(node.mode):
+            parent.nlink -= 1
+            self._put(txn, parent)
+            self._delete_record(txn, node)
+            bump_counter(txn, self.counters, b"dirs", -1)
+            return False
+        self._put(txn, parent)
+        if stat.S_ISLNK(node.mode):
+            self._delete_record(txn, node)
+            bump_counter(txn, self.counters, b"symlinks", -1)
+            return False
+        was_dirty = self.is_dirty_txn(txn, node.ino)
+        bump_counter(txn, self.counters, b"files", -1)
+        bump_counter(txn, self.counters, b"bytes", -node.size)
+        if node.local == LOCAL_FULL:
+            bump_counter(txn, self.counters, b"local_files", -1)
+            bump_counter(txn, self.counters, b"local_bytes", -node.size)
+        if was_dirty:
+            bump_counter(txn, self.counters, b"dirty_files", -1)
+            bump_counter(txn, self.counters, b"dirty_bytes", -node.size)
+        node.nlink = 0
+        node.flags |= F_ORPHAN
+        node.ctime_ns = now
+        self._put(txn, node)
+        self._journal(txn, node, None, delete=True)
+        if not self.is_open(node.ino):
+            if not self._has_remote(txn, node.ino) and not self.is_dirty_txn(txn, node.ino):
+                self._delete_record(txn, node)
+            return True
+        return False
+
+    def _delete_record(self, txn: lmdb.Transaction, node: Inode) -> None:
+        key = U64.pack(node.ino)
+        txn.delete(key, db=self.inodes)
+        txn.delete(key, db=self.chunks)
+        cur = txn.cursor(db=self.xattrs)
+        while cur.set_range(key) and cur.key()[:8] == key:
+            cur.delete()
+
+    def unlink(self, parent: int, name: bytes, want_dir: bool) -> tuple[Inode, bool]:
+        """unlink(2)/rmdir(2). Returns the inode and whether its content file may go now."""
+        now = time.time_ns()
+        with self.db.begin(write=True) as txn:
+            d = self._dir_for_change(txn, parent)
+            node = self.lookup_txn(txn, parent, name)
+            if node is None:
+                raise FsError(errno.ENOENT)
+            is_dir = stat.S_ISDIR(node.mode)
+            if want_dir and not is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not want_dir and is_dir:
+                raise FsError(errno.EISDIR)
+            if is_dir and next(self.children_txn(txn, node.ino), None) is not None:
+                raise FsError(errno.ENOTEMPTY)
+            gone = self._unlink_txn(txn, d, name, node, now)
+        return node, gone
+
+    def release_orphan(self, ino: int) -> bool:
+        """The last handle of an unlinked file closed. Returns True if content may go."""
+        with self.db.begin(write=True) as txn:
+            node = self.get_txn(txn, ino)
+            if node is None:
+                return True
+            if not node.flags & F_ORPHAN:
+                return False
+            if not self._has_remote(txn, ino) and not self.is_dirty_txn(txn, ino):
+                self._delete_record(txn, node)
+            return True
+
+    def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes,
+               flags: int) -> tuple[Inode, Inode | None, bool]:
+        """rename(2). Returns (moved inode, replaced inode, replaced content may go now)."""
+        if flags & RENAME_EXCHANGE or flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FsError(errno.EINVAL)
+        if len(n_new) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        now = time.time_ns()
+        with self.db.begin(write=True) as txn:
+            d_old = self._dir_for_change(txn, p_old)
+            d_new = d_old if p_new == p_old else self._dir_for_change(txn, p_new)
+            node = self.lookup_txn(txn, p_old, n_old)
+            if node is None:
+                raise FsError(errno.ENOENT)
+            is_dir = stat.S_ISDIR(node.mode)
+            if is_dir:
+                anc = d_new
+                while True:
+                    if anc.ino == node.ino:
+                        raise FsError(errno.EINVAL)
+                    if anc.ino == ROOT_INO:
+                        break
+                    anc = self._must(txn, anc.parent)
+            target = self.lookup_txn(txn, p_new, n_new)
+            replaced_gone = False
+            if target is not None:
+                if target.ino == node.ino:
+                    return node, None, False
+                if flags & RENAME_NOREPLACE:
+                    raise FsError(errno.EEXIST)
+                t_dir = stat.S_ISDIR(target.mode)
+                if t_dir and not is_dir:
+                    raise FsError(errno.EISDIR)
+                if is_dir and not t_dir:
+                    raise FsError(errno.ENOTDIR)
+                if t_dir and next(self.children_txn(txn, target.ino), None) is not None:
+                    raise FsError(errno.ENOTEMPTY)
+                replaced_gone = self._unlink_txn(txn, d_new, n_new, target, now)
+                if d_new.ino == d_old.ino:
+                    d_old = d_new
+            txn.delete(dentry_key(p_old, n_old), db=self.dentries)
+            txn.put(dentry_key(p_new, n_new), U64.pack(node.ino), db=self.dentries)
+            node.parent = p_new
+            node.name = n_new
+            node.ctime_ns = now
+            self._put(txn, node)
+            d_old.mtime_ns = d_old.ctime_ns = now
+            d_new.mtime_ns = d_new.ctime_ns = now
+            if is_dir and d_old.ino != d_new.ino:
+                d_old.nlink -= 1
+                d_new.nlink += 1
+            self._put(txn, d_old)
+            if d_new is not d_old:
+                self._put(txn, d_new)
+            if is_dir:
+                self.journal_subtree(txn, node)
+            else:
+                self._journal(txn, node, self.path_txn(txn, node))
+        return node, target, replaced_gone
+
+    # ----------------------------------------------------------------- xattrs
+
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        with self.db.begin() as txn:
+            v = txn.get(U64.pack(ino) + name, db=self.xattrs)
+            return bytes(v) if v is not None else None
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        key = U64.pack(ino)
+        out = []
+        with self.db.begin() as txn:
+            cur = txn.cursor(db=self.xattrs)
+            if cur.set_range(key):
+                for k in cur.iternext(keys=True, values=False):
+                    if k[:8] != key:
+                        break
+                    out.append(bytes(k[8:]))
+        return out
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        with self.db.begin(write=True) as txn:
+            node = self._must(txn, ino)
+            txn.put(U64.pack(ino) + name, value, db=self.xattrs)
+            node.ctime_ns = time.time_ns()
+            self._put(txn, node)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        with self.db.begin(write=True) as txn:
+            node = self._must(txn, ino)
+            if not txn.delete(U64.pack(ino) + name, db=self.xattrs):
+                raise FsError(errno.ENODATA)
+            node.ctime_ns = time.time_ns()
+            self._put(txn, node)
+
+    # ----------------------------------------------------------------- mirrors
+
+    def mirror_index(self, name: str) -> int:
+        """Stable small integer for a mirror name (kept in LMDB across config edits)."""
+        mdb = self.db.db["mirrors"]
+        with self.db.begin(write=True) as txn:
+            v = txn.get(name.encode(), db=mdb)
+            if v is not None:
+                return U16.unpack(v)[0]
+            used = {U16.unpack(val)[0] for _k, val in txn.cursor(db=mdb)}
+            idx = next(i for i in range(1, 65535) if i not in used)
+            txn.put(name.encode(), U16.pack(idx), db=mdb)
+            return idx

@@ -1,0 +1,483 @@
+"""pyfuse3 Operations: thin handlers over the registry (LMDB) and the store (content files).
+
+Owns the open-file table. Everything here runs in the trio thread; reads and writes of cache
+files are inline ``os.pread``/``os.pwrite`` (a thread hop costs more than the I/O). fsync
+goes to a thread because it may block for long. A write() does not touch LMDB except on the
+first write after a commit (to mark the inode as being written); the new size and version
+are committed at flush (close), fsync and release -- that is what "acknowledged" means.
+
+A handler may raise only FUSEError: :func:`handler` maps domain errors through
+``errors.to_errno`` and logs anything unexpected with the path before answering EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from mirrorfs.cache.db import F_ORPHAN, LOCAL_FULL, ROOT_INO, Inode
+from mirrorfs.cache.registry import FsError, Registry
+from mirrorfs.errors import MirrorfsError, to_errno
+
+if TYPE_CHECKING:
+    from mirrorfs.cache.fetch import Fetcher
+    from mirrorfs.cache.store import Store
+    from mirrorfs.space import Space
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def handler(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Turn every exception into a FUSEError; an unexpected one is a logged bug, not a crash."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except (FsError, MirrorfsError, OSError) as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%r: %s", fn.__name__, args[1:], exc)
+            raise FUSEError(to_errno(exc)) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class OpenFile:
+    """One content-file descriptor per inode, shared by every handle on it."""
+
+    ino: int
+    fd: int
+    refs: int = 0
+    writers: int = 0
+    dirty: bool = False  # data written since the last commit
+    write_gen: int = 0  # bumped by every write: the uploader detects changes during upload
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(self, registry: Registry, store: Store, *, attr_timeout: float = 5.0,
+                 xattrs: bool = False, readonly: bool = False,
+                 fetcher: Fetcher | None = None, space: Space | None = None) -> None:
+        super().__init__()
+        self.reg = registry
+        self.store = store
+        self.attr_timeout = attr_timeout
+        self.xattrs = xattrs
+        self.readonly = readonly
+        self.fetcher = fetcher
+        self.space = space
+        self.open_files: dict[int, OpenFile] = {}
+        self.fsync_limiter = trio.CapacityLimiter(4)
+        registry.is_open = self.is_open
+        self.on_commit: Callable[[Inode], None] = lambda node: None
+
+    def is_open(self, ino: int) -> bool:
+        return ino in self.open_files
+
+    # ------------------------------------------------------------ attributes
+
+    def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        size = node.size
+        of = self.open_files.get(node.ino)
+        if of is not None and of.dirty:
+            size = os.fstat(of.fd).st_size
+        a.st_size = size
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        return a
+
+    def _node(self, ino: int) -> Inode:
+        node = self.reg.get(ino)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        return node
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise FUSEError(errno.EROFS)
+
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._attrs(self._node(parent_inode))
+        if name == b"..":
+            p = self._node(parent_inode)
+            return self._attrs(self._node(p.parent if parent_inode != ROOT_INO else ROOT_INO))
+        node = self.reg.lookup(parent_inode, name)
+        if node is None:
+            if len(name) > 255:
+                raise FUSEError(errno.ENAMETOOLONG)
+            # A negative entry the kernel may cache: every change goes through this mount.
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = self.attr_timeout
+            return a
+        return self._attrs(node)
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    @handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        size = None
+        if fields.update_size:
+            node = self._node(inode)
+            if not stat.S_ISREG(node.mode):
+                raise FUSEError(errno.EINVAL)
+            size = attr.st_size
+            await self._ensure_local(node)
+            of = self.open_files.get(inode)
+            if of is not None:
+                self._commit_if_dirty(of)
+                os.ftruncate(of.fd, size)
+            else:
+                fd = self.store.open(inode)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        node = self.reg.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=size,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
+        if size is not None:
+            self.on_commit(node)
+        return self._attrs(node)
+
+    # ------------------------------------------------------------ namespace
+
+    @handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        node = self.reg.mknode(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev)
+        if stat.S_ISREG(mode):
+            self.store.create_empty(node.ino)
+        return self._attrs(node)
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        node = self.reg.mknode(parent_inode, name, stat.S_IFDIR | (mode & 0o7777),
+                               ctx.uid, ctx.gid)
+        return self._attrs(node)
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        node = self.reg.mknode(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
+                               target=target)
+        return self._attrs(node)
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if not stat.S_ISLNK(node.mode):
+            raise FUSEError(errno.EINVAL)
+        return node.target
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        # Mirrors key objects by path; an inode has exactly one path (see registry).
+        raise FUSEError(errno.EPERM)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        node, gone = self.reg.unlink(parent_inode, name, want_dir=False)
+        if gone and stat.S_ISREG(node.mode):
+            self.store.remove(node.ino)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        self.reg.unlink(parent_inode, name, want_dir=True)
+
+    @handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        _node, replaced, gone = self.reg.rename(parent_inode_old, name_old, parent_inode_new,
+                                                name_new, flags)
+        if replaced is not None and gone and stat.S_ISREG(replaced.mode):
+            self.store.remove(replaced.ino)
+
+    # ------------------------------------------------------------ files
+
+    async def _ensure_local(self, node: Inode) -> None:
+        """A file whose content is only on the mirrors must be fetched before it is changed."""
+        if node.local != LOCAL_FULL:
+            if self.fetcher is None:
+                raise FUSEError(errno.EIO)
+            await self.fetcher.fetch_all(node)
+
+    def _open_file(self, ino: int, create: bool = False) -> OpenFile:
+        of = self.open_files.get(ino)
+        if of is None:
+            of = OpenFile(ino, self.store.open(ino, create=create))
+            self.open_files[ino] = of
+        of.refs += 1
+        return of
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        writing = flags & (os.O_WRONLY | os.O_RDWR) != 0
+        if writing:
+            self._check_writable()
+        node = self._node(inode)
+        if stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.EISDIR)
+        if node.local != LOCAL_FULL:
+            if writing or flags & os.O_TRUNC:
+                await self._ensure_local(node)
+            elif self.fetcher is not None:
+                fh = self.fetcher.open_remote(node)
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        of = self._open_file(inode)
+        if writing:
+            of.writers += 1
+        if flags & os.O_TRUNC and writing and node.size:
+            # The kernel asks for atomic O_TRUNC (libfuse's default): truncate here.
+            os.ftruncate(of.fd, 0)
+            self.on_commit(self.reg.setattr(inode, size=0))
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        self._check_writable()
+        node = self.reg.mknode(parent_inode, name, stat.S_IFREG | (mode & 0o7777),
+                               ctx.uid, ctx.gid)
+        try:
+            of = self._open_file(node.ino, create=True)
+        except OSError:
+            self.reg.unlink(parent_inode, name, want_dir=False)
+            raise
+        of.writers += 1
+        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._attrs(node)
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        of = self.open_files.get(fh)
+        if of is None:
+            if self.fetcher is not None and self.fetcher.owns(fh):
+                return await self.fetcher.read(fh, off, size)
+            raise FUSEError(errno.EBADF)
+        return os.pread(of.fd, size, off)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        of = self.open_files.get(fh)
+        if of is None:
+            raise FUSEError(errno.EBADF)
+        if self.space is not None:
+            await self.space.reserve_write(of, off, len(buf))
+        if not of.dirty:
+            self.reg.mark_open_write(of.ino)
+            of.dirty = True
+        of.write_gen += 1
+        return os.pwrite(of.fd, buf, off)
+
+    def _commit_if_dirty(self, of: OpenFile) -> None:
+        if of.dirty:
+            size = os.fstat(of.fd).st_size
+            node = self.reg.commit_content(of.ino, size)
+            of.dirty = False
+            self.on_commit(node)
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        of = self.open_files.get(fh)
+        if of is not None:
+            self._commit_if_dirty(of)
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        of = self.open_files.get(fh)
+        if of is None:
+            return
+        await trio.to_thread.run_sync(os.fsync, of.fd, limiter=self.fsync_limiter)
+        self._commit_if_dirty(of)
+        await trio.to_thread.run_sync(self.reg.db.flush, limiter=self.fsync_limiter)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        of = self.open_files.get(fh)
+        if of is None:
+            if self.fetcher is not None and self.fetcher.owns(fh):
+                self.fetcher.release(fh)
+            return
+        self._commit_if_dirty(of)
+        of.refs -= 1
+        if of.refs > 0:
+            return
+        del self.open_files[fh]
+        os.close(of.fd)
+        node = self.reg.get(fh)
+        if node is not None and node.flags & F_ORPHAN and self.reg.release_orphan(fh):
+            self.store.remove(fh)
+
+    # ------------------------------------------------------------ directories
+
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not stat.S_ISDIR(node.mode):
+            raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Entries are in name order; start_id is "how many already returned". A rename during
+        # a listing may shift one entry, as on other filesystems keyed by name.
+        entries = self.reg.list_dir(fh)
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            node = self.reg.get(ino)
+            if node is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
+                break
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(self.reg.db.flush, limiter=self.fsync_limiter)
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.store.root)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = st.f_bsize
+        s.f_frsize = st.f_frsize
+        s.f_blocks = st.f_blocks
+        s.f_bfree = st.f_bfree
+        s.f_bavail = st.f_bavail
+        used = (self.reg.counter(b"files") + self.reg.counter(b"dirs")
+                + self.reg.counter(b"symlinks"))
+        s.f_files = used + st.f_ffree
+        s.f_ffree = st.f_ffree
+        s.f_favail = st.f_favail
+        s.f_namemax = 255
+        return s
+
+    # ------------------------------------------------------------ xattrs
+
+    def _xattr_check(self, name: bytes) -> None:
+        if not self.xattrs:
+            # ENOSYS makes the kernel stop asking for the rest of the mount's life, which
+            # removes a security.capability round trip from every write(2).
+            raise FUSEError(errno.ENOSYS)
+        if not name.startswith(b"user."):
+            raise FUSEError(errno.ENOTSUP)
+
+    @handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        self._xattr_check(name)
+        if name.startswith(b"user.mirrorfs."):
+            raise FUSEError(errno.EPERM)
+        self.reg.setxattr(inode, name, value)
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not self.xattrs:
+            raise FUSEError(errno.ENOSYS)
+        if not name.startswith(b"user."):
+            raise FUSEError(errno.ENODATA)
+        if name.startswith(b"user.mirrorfs."):
+            value = self.virtual_xattr(inode, name)
+        else:
+            value = self.reg.getxattr(inode, name)
+        if value is None:
+            raise FUSEError(errno.ENODATA)
+        return value
+
+    def virtual_xattr(self, inode: int, name: bytes) -> bytes | None:
+        """``user.mirrorfs.*``: state and URLs, computed (set by the mount wiring)."""
+        return None
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if not self.xattrs:
+            raise FUSEError(errno.ENOSYS)
+        self._node(inode)
+        return self.reg.listxattr(inode)
+
+    @handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        self._xattr_check(name)
+        self.reg.removexattr(inode, name)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None
+
+    def init(self) -> None:
+        return None
+
+    def close_all(self) -> None:
+        """Unmount: commit what handles still hold (the kernel may not send release)."""
+        for of in list(self.open_files.values()):
+            try:
+                self._commit_if_dirty(of)
+                os.close(of.fd)
+            except Exception:
+                log.exception("committing inode %d at unmount", of.ino)
+        self.open_files.clear()
+

@@ -1,0 +1,185 @@
+"""Wiring: load config -> lock cache dir -> open registry -> recover -> open remotes ->
+start workers -> serve -> shut down.
+
+Owns the lifetime of the daemon. Every step is a small function; :func:`serve` only calls
+them in order. The LMDB environment is flushed to disk every second and at shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from mirrorfs.cache.db import Database
+from mirrorfs.cache.recover import recover
+from mirrorfs.cache.registry import MirrorRule, Registry
+from mirrorfs.cache.store import Store
+from mirrorfs.config import Config
+from mirrorfs.fs import Operations
+
+log = logging.getLogger(__name__)
+
+CLEAN_MARKER = "clean-shutdown"
+
+
+class AlreadyMounted(Exception):
+    pass
+
+
+@dataclass
+class Daemon:
+    """Everything a running mount holds; the control socket and tests reach it through here."""
+
+    cfg: Config
+    mountpoint: str
+    db: Database
+    reg: Registry
+    store: Store
+    ops: Operations
+    remotes: dict[str, object] = field(default_factory=dict)
+    uploader: object | None = None
+    stopping: bool = False
+
+
+def lock_cache_dir(cache_dir: str) -> int:
+    """Hold an exclusive lock on the cache dir for the daemon's life; refuse a second mount."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise AlreadyMounted(
+            f"cache directory {cache_dir} is in use by another mirrorfs "
+            f"(pid {owner or 'unknown'}); unmount it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def mirror_rules(cfg: Config, reg_index: Callable[[str], int]) -> list[MirrorRule]:
+    return [MirrorRule(index=reg_index(m.name), name=m.name, include=m.include,
+                       exclude=m.exclude, delete_policy=m.delete_policy,
+                       delete_delay=m.delete_delay if m.delete_policy == "delayed" else 0.0)
+            for m in cfg.mirrors]
+
+
+def open_registry(cfg: Config) -> tuple[Database, Registry, Store, bool]:
+    db = Database(os.path.join(cfg.cache_dir, "meta"))
+    reg = Registry(db, [], cfg.upload_delay)
+    reg.mirrors = mirror_rules(cfg, reg.mirror_index)
+    store = Store(cfg.cache_dir)
+    marker = os.path.join(cfg.cache_dir, CLEAN_MARKER)
+    clean = os.path.exists(marker)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker)
+    return db, reg, store, clean
+
+
+def replay_journal(reg: Registry, store: Store, clean: bool) -> None:
+    t0 = time.monotonic()
+    counts = recover(reg, store, full_check=not clean)
+    done = {k: v for k, v in counts.items() if v}
+    log.info("startup check (%s) took %.2fs%s", "clean stop" if clean else "after a crash",
+             time.monotonic() - t0, f": {done}" if done else "")
+
+
+def mount_options(cfg: Config, extra: list[str]) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    opts.add("fsname=mirrorfs")
+    opts.add("subtype=mirrorfs")
+    for o in extra:
+        for part in o.split(","):
+            part = part.strip()
+            if part and part not in ("rw", "defaults", "_netdev", "nofail", "auto", "noauto",
+                                     "user", "nouser", "exec", "suid", "dev"):
+                opts.add(part)
+    return opts
+
+
+def sd_notify(state: str) -> None:
+    """systemd Type=notify: tell the service manager READY=1 / STOPPING=1."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(state.encode())
+
+
+async def flush_loop(db: Database) -> None:
+    """Make committed metadata durable on disk within a second (group commit)."""
+    last = db.env.info()["last_txnid"]
+    while True:
+        await trio.sleep(1.0)
+        txnid = db.env.info()["last_txnid"]
+        if txnid != last:
+            last = txnid
+            await trio.to_thread.run_sync(db.flush)
+
+
+async def watch_signals(daemon: Daemon) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        async for signum in sigs:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+            daemon.stopping = True
+            if daemon.uploader is not None:
+                await daemon.uploader.finish_inflight(timeout=30.0)  # type: ignore[attr-defined]
+            pyfuse3.terminate()
+            return
+
+
+async def serve(cfg: Config, mountpoint: str, options: list[str],
+                ready: Callable[[], None] = lambda: None) -> None:
+    """Run the mount until it is unmounted or signalled."""
+    lock_fd = lock_cache_dir(cfg.cache_dir)
+    db, reg, store, clean = open_registry(cfg)
+    replay_journal(reg, store, clean)
+    ops = Operations(reg, store, attr_timeout=cfg.attr_timeout, xattrs=cfg.xattrs,
+                     readonly="ro" in options)
+    daemon = Daemon(cfg, mountpoint, db, reg, store, ops)
+    from mirrorfs.workers import start_workers
+
+    opts = mount_options(cfg, options)
+    try:
+        pyfuse3.init(ops, mountpoint, opts)
+    except RuntimeError as exc:
+        db.close()
+        raise OSError(errno.EIO, f"cannot mount on {mountpoint}: {exc}") from None
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush_loop, db)
+            nursery.start_soon(watch_signals, daemon)
+            await start_workers(daemon, nursery)
+            log.info("mirrorfs mounted %s on %s", cfg.cache_dir, mountpoint)
+            ready()
+            sd_notify("READY=1")
+            await pyfuse3.main()
+            unmounted = True
+            nursery.cancel_scope.cancel()
+    finally:
+        ops.close_all()
+        pyfuse3.close(unmount=not unmounted or daemon.stopping)
+        db.flush()
+        db.close()
+        with open(os.path.join(cfg.cache_dir, CLEAN_MARKER), "w"):
+            pass
+        os.close(lock_fd)
+        log.info("mirrorfs stopped (%s)", mountpoint)
