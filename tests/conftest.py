@@ -1,0 +1,64 @@
+"""Fixtures: real mounts through /dev/fuse, and loopback servers for the mirrors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mountutil import Mount, write_config
+
+MountFactory = Callable[..., Mount]
+
+
+@pytest.fixture
+def make_mount(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MountFactory]:
+    """Build and start mounts; every one is unmounted (or killed) at teardown, and its log is
+    checked for unexpected warnings and errors."""
+    mounts: list[Mount] = []
+
+    def factory(mirrors: dict[str, dict[str, Any]] | None = None, *, name: str = "m",
+                options: list[str] | None = None, start: bool = True,
+                env: dict[str, str] | None = None, **top: Any) -> Mount:
+        base = tmp_path / name
+        base.mkdir(exist_ok=True)
+        top.setdefault("cache_dir", str(base / "cache"))
+        top.setdefault("log_level", "INFO")
+        cfg = write_config(base / "mirrorfs.toml", top, mirrors or {})
+        m = Mount(cfg, base / "mnt", base / "daemon.log", options or [], env=env)
+        mounts.append(m)
+        if start:
+            m.start()
+        return m
+
+    yield factory
+    problems = []
+    for m in mounts:
+        m.close()
+        bad = m.unexpected_log_lines()
+        if bad:
+            problems.append(f"{m.log}:\n" + "\n".join(bad[:20]))
+    rep = getattr(request.node, "rep_call", None)
+    if problems and (rep is None or rep.passed):
+        pytest.fail("unexpected warnings/errors in the daemon log:\n" + "\n".join(problems))
+
+
+@pytest.fixture
+def mnt(make_mount: MountFactory) -> Mount:
+    """A mount with no mirrors, xattrs on."""
+    return make_mount(xattrs=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() != 0:
+        raise pytest.UsageError("the mount tests need root (FUSE allow_other, a second user)")

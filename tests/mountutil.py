@@ -1,0 +1,166 @@
+"""A real mirrorfs mount in a subprocess, for tests and benchmarks.
+
+The daemon never runs in the process that uses the mount (a process accessing its own FUSE
+mount can deadlock). Teardown always lazy-unmounts and kills a stuck daemon. The daemon's log
+is kept in a file; :meth:`Mount.check_log` fails on WARNING/ERROR lines that were not declared
+as expected (S3QL's checklogs idea).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def write_config(path: Path, top: dict[str, Any], mirrors: dict[str, dict[str, Any]]) -> Path:
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    for name, opts in mirrors.items():
+        lines.append(f"\n[mirrors.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in opts.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    p = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == p for line in f if len(line.split()) > 1)
+
+
+def lazy_unmount(path: str | os.PathLike[str]) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], stderr=subprocess.DEVNULL,
+                   check=False)
+
+
+class Mount:
+    """One mirrorfs daemon serving ``path`` from ``config``."""
+
+    def __init__(self, config: Path, path: Path, log: Path,
+                 options: Iterable[str] = (), env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.path = path
+        self.log = log
+        self.options = list(options)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.expected_log: list[str] = []
+        self._log_pos = 0
+
+    def start(self, timeout: float = 30.0) -> Mount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mirrorfs.cli", "mount", "--foreground",
+               str(self.config), str(self.path)]
+        for o in self.options:
+            cmd += ["-o", o]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        if self.env:
+            env.update(self.env)
+        logf = open(self.log, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env,
+                                     start_new_session=True)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mirrorfs exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("mirrorfs did not mount in time:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            time.sleep(0.02)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def umount(self, timeout: float = 60.0) -> int:
+        """Clean unmount (as `mirrorfs umount` does); returns the daemon's exit status."""
+        if self.proc is None:
+            return 0
+        subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self.proc = None
+        return rc
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        lazy_unmount(self.path)
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, as a crash would, and clear the dead mount."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+        lazy_unmount(self.path)
+
+    def restart(self) -> Mount:
+        if self.proc is not None:
+            self.umount()
+        return self.start()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def expect_log(self, pattern: str) -> None:
+        self.expected_log.append(pattern)
+
+    def unexpected_log_lines(self) -> list[str]:
+        bad = []
+        for line in self.log_text().splitlines():
+            if re.search(r" (WARNING|ERROR|CRITICAL) ", line) or line.startswith("Traceback"):
+                if not any(re.search(p, line) for p in self.expected_log):
+                    bad.append(line)
+        return bad
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            v = predicate()
+            if v:
+                return v
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met in {timeout}s")
+            time.sleep(interval)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.umount(timeout=30)
+            except Exception:
+                self.kill()
+        lazy_unmount(self.path)

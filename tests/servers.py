@@ -1,0 +1,320 @@
+"""Real servers on 127.0.0.1 for the remote tests: moto (S3), pyftpdlib and vsftpd (FTP).
+
+Each server is an object with ``start()``, ``stop()`` and ``restart()`` and is a context manager;
+the port chosen at the first start is kept, so a test can take a mirror away and bring it back
+("stop the FTP server, write files, start it again"). ``options()`` returns the config section a
+mirror of that server needs. Nothing here imports mirrorfs, so fixtures anywhere can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+VSFTPD = "/usr/sbin/vsftpd"
+FTP_PERMS = "elradfmwMT"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for servers that cannot take port 0)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Block until something accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {HOST}:{port} after {timeout}s") from None
+            time.sleep(0.02)
+
+
+class _Server:
+    """start/stop/restart and the context-manager protocol shared by the servers below."""
+
+    port: int = 0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class MotoS3(_Server):
+    """moto in server mode, with one bucket created at the first start.
+
+    moto keeps its state in process-global backends, so the bucket and its objects survive a
+    restart (unlike a real outage, nothing is lost).
+    """
+
+    def __init__(self, bucket: str = "mirror", region: str = "us-east-1") -> None:
+        self.bucket = bucket
+        self.region = region
+        self._server: Any = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        self.create_bucket(self.bucket)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def client(self) -> Any:
+        """A plain boto3 client on this server, for checking what a mirror really wrote."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def create_bucket(self, bucket: str) -> None:
+        client = self.client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=bucket)
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        """A mirror config section for this server (sizes in bytes, as the config gives them)."""
+        opts: dict[str, Any] = {
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "bucket": self.bucket,
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+            "addressing_style": "path",
+        }
+        opts.update(extra)
+        return opts
+
+
+class PyFtpd(_Server):
+    """pyftpdlib in a thread of this process, one user whose home is ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str], user: str = "mirror",
+                 password: str = "secret") -> None:
+        self.root = Path(root)
+        self.user = user
+        self.password = password
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        from pyftpdlib.authorizers import DummyAuthorizer
+        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.ioloop import IOLoop
+        from pyftpdlib.servers import FTPServer
+
+        # A handler of our own stops pyftpdlib from installing its stderr logging; its INFO
+        # lines (one per command) would drown the test output.
+        ftplog = logging.getLogger("pyftpdlib")
+        if not ftplog.handlers:
+            ftplog.addHandler(logging.NullHandler())
+        ftplog.setLevel(logging.WARNING)
+        self.root.mkdir(parents=True, exist_ok=True)
+        authorizer = DummyAuthorizer()
+        authorizer.add_user(self.user, self.password, str(self.root), perm=FTP_PERMS)
+        handler = type("Handler", (FTPHandler,), {"authorizer": authorizer})
+        # A private IOLoop: the default is a process-wide singleton that close_all() would
+        # close under any other pyftpdlib server of this process.
+        self._server = FTPServer((HOST, self.port), handler, ioloop=IOLoop())
+        self.port = self._server.socket.getsockname()[1]
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, args=(self._server,),
+                                        name=f"pyftpd-{self.port}", daemon=True)
+        self._thread.start()
+
+    def _serve(self, server: Any) -> None:
+        try:
+            while not self._stop.is_set():
+                server.ioloop.loop(0.05, blocking=False)
+        finally:
+            server.close_all()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(10)
+            self._thread = None
+            self._server = None
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        opts: dict[str, Any] = {"host": HOST, "port": self.port, "user": self.user,
+                                "password": self.password, "base_dir": "/", "timeout": 10}
+        opts.update(extra)
+        return opts
+
+
+class Vsftpd(_Server):
+    """Debian's vsftpd as a subprocess: anonymous users may upload, rename and delete in /pub.
+
+    Anonymous mode needs no system account or PAM; vsftpd chroots into ``workdir/root`` (which
+    must not be writable by the FTP user) and the writable mirror base is ``/pub`` inside it,
+    which is ``self.root`` on disk. Needs root, like any vsftpd that chroots.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], ftp_user: str = "ftp") -> None:
+        self.workdir = Path(workdir)
+        self.ftp_user = ftp_user
+        self.chroot = self.workdir / "root"
+        self.root = self.chroot / "pub"
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return os.path.exists(VSFTPD) and os.geteuid() == 0
+
+    def _write_config(self) -> Path:
+        empty = self.workdir / "empty"
+        for d in (self.chroot, self.root, empty):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.chroot, 0o755)
+        os.chmod(empty, 0o755)
+        shutil.chown(self.root, user=self.ftp_user, group=None)
+        os.chmod(self.root, 0o755)
+        conf = self.workdir / "vsftpd.conf"
+        conf.write_text("\n".join([
+            "listen=YES",
+            "listen_ipv6=NO",
+            f"listen_address={HOST}",
+            f"listen_port={self.port}",
+            "background=NO",
+            "anonymous_enable=YES",
+            "local_enable=NO",
+            f"ftp_username={self.ftp_user}",
+            "no_anon_password=YES",
+            f"anon_root={self.chroot}",
+            "write_enable=YES",
+            "anon_upload_enable=YES",
+            "anon_mkdir_write_enable=YES",
+            "anon_other_write_enable=YES",
+            "anon_umask=022",
+            "force_dot_files=YES",
+            "pasv_enable=YES",
+            f"pasv_address={HOST}",
+            "connect_from_port_20=NO",
+            f"secure_chroot_dir={empty}",
+            "nopriv_user=nobody",
+            "seccomp_sandbox=NO",
+            "isolate=NO",
+            "isolate_network=NO",
+            "xferlog_enable=NO",
+            "dirmessage_enable=NO",
+            "use_localtime=NO",
+            "max_per_ip=0",
+            "idle_session_timeout=600",
+            f"vsftpd_log_file={self.workdir / 'vsftpd.log'}",
+            "",
+        ]))
+        return conf
+
+    def start(self) -> None:
+        if not self.port:
+            self.port = free_port()
+        conf = self._write_config()
+        self._proc = subprocess.Popen([VSFTPD, str(conf)], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            out = self._kill()
+            raise RuntimeError(f"vsftpd did not start: {out!r}") from None
+
+    def _kill(self) -> bytes:
+        if self._proc is None:
+            return b""
+        proc, self._proc = self._proc, None
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        return out or b""
+
+    def stop(self) -> None:
+        self._kill()
+        # vsftpd forks a process per session; the sessions die with their client connections.
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        opts: dict[str, Any] = {"host": HOST, "port": self.port, "user": "anonymous",
+                                "password": "mirrorfs@", "base_dir": "/pub", "timeout": 10}
+        opts.update(extra)
+        return opts
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str = "mirror") -> Iterator[MotoS3]:
+    with MotoS3(bucket) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def pyftpd(root: str | os.PathLike[str] | None = None) -> Iterator[PyFtpd]:
+    with contextlib.ExitStack() as stack:
+        if root is None:
+            root = stack.enter_context(tempfile.TemporaryDirectory(prefix="pyftpd-"))
+        server = PyFtpd(root)
+        stack.enter_context(server)
+        yield server
+
+
+@contextlib.contextmanager
+def vsftpd(workdir: str | os.PathLike[str] | None = None) -> Iterator[Vsftpd]:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="vsftpd-"))
+        server = Vsftpd(workdir)
+        stack.enter_context(server)
+        yield server
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections and never says a word (to test client timeouts)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        s.listen(16)
+        yield int(s.getsockname()[1])
