@@ -175,6 +175,9 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
             unmounted = True
             nursery.cancel_scope.cancel()
     finally:
+        from mirrorfs.workers import close_remotes
+
+        await close_remotes(daemon.remotes)  # type: ignore[arg-type]
         ops.close_all()
         pyfuse3.close(unmount=not unmounted or daemon.stopping)
         db.flush()

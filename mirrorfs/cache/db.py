@@ -192,3 +192,7 @@ def get_counter(txn: lmdb.Transaction, db: Any, name: bytes) -> int:
 def bump_counter(txn: lmdb.Transaction, db: Any, name: bytes, delta: int) -> None:
     if delta:
         txn.put(name, I64.pack(get_counter(txn, db, name) + delta), db=db)
+
+
+def set_counter(txn: lmdb.Transaction, db: Any, name: bytes, value: int) -> None:
+    txn.put(name, I64.pack(value), db=db)

@@ -1,16 +1,27 @@
-"""Mirror implementations, by the ``type`` given in the config (a prefix map, as in S3QL)."""
+"""Mirror implementations, by the ``type`` given in the config (a prefix map, as in S3QL).
+
+Classes are imported on first use, so a mount with only directory mirrors never loads boto3.
+"""
 
 from __future__ import annotations
 
-from mirrorfs.remotes.base import Remote
-from mirrorfs.remotes.dir import DirRemote
-from mirrorfs.remotes.ftp import FtpRemote
-from mirrorfs.remotes.s3 import S3Remote
+import importlib
 
-REMOTE_CLASSES: dict[str, type[Remote]] = {
-    "s3": S3Remote,
-    "ftp": FtpRemote,
-    "dir": DirRemote,
+from mirrorfs.remotes.base import Remote
+
+_CLASSES = {
+    "s3": ("mirrorfs.remotes.s3", "S3Remote"),
+    "ftp": ("mirrorfs.remotes.ftp", "FtpRemote"),
+    "dir": ("mirrorfs.remotes.dir", "DirRemote"),
 }
 
-__all__ = ["REMOTE_CLASSES", "DirRemote", "FtpRemote", "Remote", "S3Remote"]
+
+def remote_class(kind: str) -> type[Remote]:
+    module, name = _CLASSES[kind]
+    cls: type[Remote] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+KINDS = tuple(_CLASSES)
+
+__all__ = ["KINDS", "Remote", "remote_class"]

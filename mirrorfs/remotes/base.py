@@ -211,10 +211,8 @@ def retry(
 
 def make_remote(name: str, kind: str, options: dict[str, Any]) -> Remote:
     """Build a remote from its config section (prefix map in ``remotes/__init__.py``)."""
-    from mirrorfs.remotes import REMOTE_CLASSES
+    from mirrorfs.remotes import KINDS, remote_class
 
-    try:
-        cls = REMOTE_CLASSES[kind]
-    except KeyError:
-        raise PermanentRemoteError(f"unknown mirror type {kind!r}") from None
-    return cls(name, options)
+    if kind not in KINDS:
+        raise PermanentRemoteError(f"unknown mirror type {kind!r}")
+    return remote_class(kind)(name, options)

@@ -1,0 +1,52 @@
+"""xxhash of whole files and of their fixed-size chunks, computed in one pass.
+
+The whole-file digest (xxh3_128) goes into object metadata and the registry; the per-chunk
+digests (xxh3_64 of each CHUNK_SIZE piece) are what a streamed read is verified against.
+These functions block: callers run them in ``trio.to_thread.run_sync`` with the hash limiter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import xxhash
+
+from mirrorfs.remotes.base import CHUNK_SIZE
+
+BLOCK = 1 << 20
+
+
+def hash_file(path: str) -> tuple[str, bytes, int]:
+    """Return (xxh3_128 hex, concatenated 8-byte chunk digests, size) of the file at path."""
+    whole = xxhash.xxh3_128()
+    chunks = bytearray()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(CHUNK_SIZE)
+            if not chunk:
+                break
+            whole.update(chunk)
+            chunks += xxhash.xxh3_64_digest(chunk)
+            size += len(chunk)
+    if size == 0:
+        chunks += xxhash.xxh3_64_digest(b"")
+    return whole.hexdigest(), bytes(chunks), size
+
+
+def chunk_digest(data: bytes) -> bytes:
+    return xxhash.xxh3_64_digest(data)
+
+
+def file_digest(path: str) -> str:
+    h = xxhash.xxh3_128()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while True:
+            b = os.read(fd, BLOCK)
+            if not b:
+                break
+            h.update(b)
+    finally:
+        os.close(fd)
+    return h.hexdigest()

@@ -1,0 +1,443 @@
+"""The background workers that bring every mirror in line with the registry.
+
+Owns the per-mirror runtime state (up/down, paused, jobs in flight, busy paths). One
+scheduler task per mirror takes due jobs from the journal and runs each in a task of its own,
+at most ``concurrency`` at a time; a mirror that is down or paused only stops its own queue.
+
+A job is a reconciliation, not a recorded operation: it reads what the inode is now and what
+the mirror holds (``remote`` db) and performs the one step that closes the gap:
+
+=========================================  ============================================
+inode now                                  step on the mirror
+=========================================  ============================================
+gone, unlinked, or no longer wanted here   delete the object (per delete policy)
+same content, other path                   server-side rename
+other content (or nothing there yet)       upload from the cache file, then delete the
+                                           object at the old path if it moved
+same content and path, other mode/mtime    metadata update
+=========================================  ============================================
+
+Ordering (invariant 4). Objects are keyed by path, so two inodes can want the same key
+(a file replaced, then recreated, or renamed over). ``rpath`` records which inode owns each
+key on each mirror, and a job takes the keys it touches as *busy* before its first await: no
+two jobs on one mirror touch one key at once. A job that wants a key owned by another inode
+may overwrite it only if that inode is deleted, unwanted, or still has its content locally
+(it is then re-uploaded under its own path); otherwise it waits for that inode's job to move
+the object away first. Uploads write the new object before deleting the old one, so a crash
+between the two leaves an extra object, never a missing one.
+
+Concurrency contract: all LMDB access is here, in short synchronous transactions in the trio
+thread; remotes do their blocking work in threads of their own; hashing runs in a thread under
+``hash_limiter``. A job runs under a lease (a deadline); a job whose lease ends is cancelled
+and requeued, and at startup every claimed job is pending again (see cache/recover.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import lmdb
+import trio
+
+from mirrorfs.cache.db import (
+    F_ORPHAN,
+    LOCAL_FULL,
+    MQ,
+    U16,
+    U64,
+    Inode,
+    RemoteCopy,
+    bump_counter,
+    set_counter,
+)
+from mirrorfs.cache.registry import MirrorRule, Registry
+from mirrorfs.errors import (
+    InvalidKey,
+    MirrorfsError,
+    NotFound,
+    PermanentRemoteError,
+    RemoteError,
+    RemoteUnavailable,
+)
+from mirrorfs.hashing import hash_file
+from mirrorfs.remotes.base import ObjectMeta, Remote
+
+if TYPE_CHECKING:
+    from mirrorfs.cache.store import Store
+    from mirrorfs.fs import Operations
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL = 5.0
+MAX_BACKOFF = 300.0
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next attempt: exponential from 1 s, capped, with jitter."""
+    return min(MAX_BACKOFF, 2.0 ** min(attempts, 16)) * random.uniform(0.5, 1.0)
+
+
+def lease_for(size: int) -> float:
+    """How long one job may run before it is cancelled and requeued (a stuck transfer)."""
+    return 120.0 + size / (512 * 1024)
+
+
+def remote_key(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+class Defer(Exception):
+    """The job cannot run yet (a key it needs is busy or owned); requeue without penalty."""
+
+    def __init__(self, reason: str, delay: float = 0.2) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+@dataclass
+class MirrorState:
+    rule: MirrorRule
+    remote: Remote
+    concurrency: int
+    paused: bool = False
+    up: bool = True
+    last_error: str = ""
+    in_flight: set[int] = field(default_factory=set)
+    busy: dict[bytes, int] = field(default_factory=dict)
+    wake: trio.Event = field(default_factory=trio.Event)
+    idle: trio.Event = field(default_factory=trio.Event)
+
+
+class Uploader:
+    def __init__(self, reg: Registry, store: Store, ops: Operations | None,
+                 mirrors: list[MirrorState], clock: Callable[[], float] = time.time) -> None:
+        self.reg = reg
+        self.store = store
+        self.ops = ops
+        self.mirrors = {m.rule.index: m for m in mirrors}
+        self.clock = clock
+        self.hash_limiter = trio.CapacityLimiter(2)
+        self.draining = False
+        self._nursery: trio.Nursery | None = None
+        if ops is not None:
+            ops.on_commit = lambda node: self.kick()
+
+    @classmethod
+    async def create(cls, reg: Registry, store: Store, ops: Operations | None,
+                     mirrors: list[MirrorState], nursery: trio.Nursery) -> Uploader:
+        self = cls(reg, store, ops, mirrors)
+        self._nursery = nursery
+        for m in self.mirrors.values():
+            nursery.start_soon(self._schedule, m, name=f"uploader:{m.rule.name}")
+        return self
+
+    # ------------------------------------------------------------ control
+
+    def kick(self) -> None:
+        for m in self.mirrors.values():
+            m.wake.set()
+
+    def by_name(self, name: str | None) -> list[MirrorState]:
+        if name is None:
+            return list(self.mirrors.values())
+        found = [m for m in self.mirrors.values() if m.rule.name == name]
+        if not found:
+            raise KeyError(name)
+        return found
+
+    def pause(self, name: str | None = None) -> None:
+        for m in self.by_name(name):
+            m.paused = True
+
+    def resume(self, name: str | None = None) -> None:
+        for m in self.by_name(name):
+            m.paused = False
+            m.wake.set()
+
+    async def finish_inflight(self, timeout: float) -> None:
+        """Start nothing new; give transfers in flight up to ``timeout`` to finish."""
+        self.draining = True
+        with trio.move_on_after(timeout):
+            for m in self.mirrors.values():
+                while m.in_flight:
+                    await trio.sleep(0.05)
+
+    def pending(self) -> int:
+        with self.reg.db.begin() as txn:
+            return sum(1 for m in self.mirrors.values()
+                       for _ in self.reg.journal.iter_jobs(txn, m.rule.index))
+
+    # ------------------------------------------------------------ scheduling
+
+    async def _schedule(self, m: MirrorState) -> None:
+        async with trio.open_nursery() as jobs:
+            while True:
+                m.wake = trio.Event()
+                delay = 1.0
+                if m.paused or self.draining:
+                    delay = 5.0
+                elif not m.up:
+                    delay = await self._probe(m)
+                else:
+                    started = self._start_due(m, jobs)
+                    if started:
+                        continue
+                    with self.reg.db.begin() as txn:
+                        nxt = self.reg.journal.next_due(txn, m.rule.index)
+                    if nxt is not None:
+                        delay = min(delay, max(0.01, nxt - self.clock()))
+                if not m.in_flight:
+                    m.idle.set()
+                with trio.move_on_after(delay):
+                    await m.wake.wait()
+
+    def _start_due(self, m: MirrorState, nursery: trio.Nursery) -> int:
+        room = m.concurrency - len(m.in_flight)
+        if room <= 0:
+            return 0
+        started = 0
+        with self.reg.db.begin(write=True) as txn:
+            for ino, _job in self.reg.journal.due(txn, m.rule.index, self.clock(), room):
+                claimed = self.reg.journal.claim(txn, m.rule.index, ino)
+                if claimed is None:
+                    continue
+                m.in_flight.add(ino)
+                m.idle = trio.Event()
+                nursery.start_soon(self._run, m, ino, claimed.seq)
+                started += 1
+        return started
+
+    async def _probe(self, m: MirrorState) -> float:
+        try:
+            with trio.fail_after(30):
+                await m.remote.probe()
+        except (MirrorfsError, trio.TooSlowError) as exc:
+            m.last_error = str(exc) or type(exc).__name__
+            return PROBE_INTERVAL
+        log.info("mirror %s is reachable again; resuming its queue", m.rule.name)
+        m.up = True
+        return 0.0
+
+    async def _run(self, m: MirrorState, ino: int, seq: int) -> None:
+        idx = m.rule.index
+        node = self.reg.get(ino)
+        lease = lease_for(node.size if node else 0)
+        try:
+            with trio.fail_after(lease):
+                await self._reconcile(m, ino)
+        except Defer as d:
+            with self.reg.db.begin(write=True) as txn:
+                job = self.reg.journal.get(txn, idx, ino)
+                attempts = job.attempts if job else 0
+                self.reg.journal.retry_later(txn, idx, ino, self.clock() + d.delay, str(d))
+                job = self.reg.journal.get(txn, idx, ino)
+                if job is not None:  # a deferral is not a failed attempt
+                    job.attempts = attempts
+                    txn.put(MQ.pack(idx, ino), job.pack(), db=self.reg.journal.jobs)
+        except InvalidKey as exc:
+            log.warning("mirror %s cannot store %r: %s (marked failed)", m.rule.name,
+                        self.reg.path_of(ino), exc)
+            with self.reg.db.begin(write=True) as txn:
+                self.reg.journal.fail(txn, idx, ino, seq, f"invalid name: {exc}")
+        except PermanentRemoteError as exc:
+            log.error("mirror %s: %s (inode %d marked failed)", m.rule.name, exc, ino)
+            with self.reg.db.begin(write=True) as txn:
+                self.reg.journal.fail(txn, idx, ino, seq, str(exc))
+        except (RemoteError, NotFound, trio.TooSlowError, OSError) as exc:
+            if isinstance(exc, RemoteUnavailable) and m.up:
+                log.warning("mirror %s is unreachable (%s); its queue waits", m.rule.name, exc)
+                m.up = False
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, trio.TooSlowError):
+                reason = f"lease of {lease:.0f}s ended"
+            m.last_error = reason
+            with self.reg.db.begin(write=True) as txn:
+                job = self.reg.journal.get(txn, idx, ino)
+                delay = backoff(job.attempts if job else 0)
+                self.reg.journal.retry_later(txn, idx, ino, self.clock() + delay, reason)
+            log.info("mirror %s: inode %d: %s; retry in %.1fs", m.rule.name, ino, reason, delay)
+        except BaseException:
+            # Cancelled (shutdown) or a bug: leave the job claimed; startup makes it pending.
+            m.in_flight.discard(ino)
+            raise
+        else:
+            with self.reg.db.begin(write=True) as txn:
+                self.reg.job_done(txn, idx, ino, seq)
+                set_counter(txn, self.reg.counters, b"m%d.last_success" % idx, int(self.clock()))
+        finally:
+            m.in_flight.discard(ino)
+            for k in [k for k, v in m.busy.items() if v == ino]:
+                del m.busy[k]
+            m.wake.set()
+
+    # ------------------------------------------------------------ reconciliation
+
+    def _take_keys(self, m: MirrorState, ino: int, *paths: bytes | None) -> None:
+        for p in paths:
+            if p is not None and m.busy.get(p, ino) != ino:
+                raise Defer(f"key {p!r} busy with inode {m.busy[p]}")
+        for p in paths:
+            if p is not None:
+                m.busy[p] = ino
+
+    def _owner(self, txn: lmdb.Transaction, m: MirrorState, path: bytes) -> int | None:
+        v = txn.get(U16.pack(m.rule.index) + path, db=self.reg.db.db["rpath"])
+        return U64.unpack(v)[0] if v else None
+
+    def _wanted_path(self, txn: lmdb.Transaction, m: MirrorState,
+                     node: Inode | None) -> bytes | None:
+        if node is None or node.flags & F_ORPHAN or not stat.S_ISREG(node.mode):
+            return None
+        path = self.reg.path_txn(txn, node)
+        return path if m.rule.wants(path) else None
+
+    async def _reconcile(self, m: MirrorState, ino: int) -> None:
+        with self.reg.db.begin() as txn:
+            node = self.reg.get_txn(txn, ino)
+            rc = self.reg.remote_copy(txn, m.rule.index, ino)
+            want = self._wanted_path(txn, m, node)
+            owner = self._owner(txn, m, want) if want is not None else None
+        if want is None:
+            if rc is not None:
+                self._take_keys(m, ino, rc.path)
+                await self._delete(m, ino, rc)
+            return
+        assert node is not None
+        m.remote.check_key(remote_key(want))
+        if owner is not None and owner != ino:
+            self._take_keys(m, ino, want)
+            self._claim_key(m, ino, want, owner)
+        self._take_keys(m, ino, want, rc.path if rc else None)
+        if rc is not None and rc.ver == node.ver and rc.ver:
+            if rc.path != want:
+                await m.remote.rename(remote_key(rc.path), remote_key(want))
+                self._record_move(m, ino, rc, want)
+            if rc.mode != node.mode or rc.mtime_ns != node.mtime_ns:
+                await m.remote.update_meta(remote_key(want), ObjectMeta(
+                    node.size, rc.hash.hex(), node.mtime_ns, node.mode & 0o7777))
+                self._record_meta(m, ino, node)
+            return
+        await self._upload(m, node, want, rc)
+
+    def _claim_key(self, m: MirrorState, ino: int, path: bytes, owner: int) -> None:
+        """``path`` holds another inode's object: overwrite it only if nothing is lost."""
+        idx = m.rule.index
+        with self.reg.db.begin(write=True) as txn:
+            other = self.reg.get_txn(txn, owner)
+            other_want = self._wanted_path(txn, m, other)
+            if other is not None and other_want == path:
+                raise Defer(f"key {path!r} still belongs to inode {owner}", 1.0)
+            recoverable = (other is None or other.flags & F_ORPHAN or other_want is None
+                           or other.local == LOCAL_FULL)
+            if not recoverable:
+                # The other inode's only copy here is this object: let it move away first.
+                self.reg.journal.touch(txn, idx, owner, self.clock())
+                raise Defer(f"key {path!r} holds inode {owner}, which must move first", 0.5)
+            self._drop_remote(txn, m, owner, path)
+            if other is not None and other_want is not None:
+                self.reg.journal.touch(txn, idx, owner, self.clock())
+        m.wake.set()
+
+    def _drop_remote(self, txn: lmdb.Transaction, m: MirrorState, ino: int,
+                     path: bytes | None) -> None:
+        idx = m.rule.index
+        t = txn
+        rc = self.reg.remote_copy(t, idx, ino)
+        if rc is not None:
+            t.delete(MQ.pack(idx, ino), db=self.reg.remote)
+            bump_counter(t, self.reg.counters, b"m%d.copies" % idx, -1)
+            bump_counter(t, self.reg.counters, b"m%d.copy_bytes" % idx, -rc.size)
+        if path is not None:
+            rp = self.reg.db.db["rpath"]
+            key = U16.pack(idx) + path
+            v = t.get(key, db=rp)
+            if v is not None and U64.unpack(v)[0] == ino:
+                t.delete(key, db=rp)
+
+    def _set_remote(self, txn: lmdb.Transaction, m: MirrorState, ino: int, rc: RemoteCopy) -> None:
+        idx = m.rule.index
+        old = self.reg.remote_copy(txn, idx, ino)
+        if old is not None:
+            self._drop_remote(txn, m, ino, old.path if old.path != rc.path else None)
+        t = txn
+        t.put(MQ.pack(idx, ino), rc.pack(), db=self.reg.remote)
+        t.put(U16.pack(idx) + rc.path, U64.pack(ino),
+              db=self.reg.db.db["rpath"])
+        bump_counter(t, self.reg.counters, b"m%d.copies" % idx, 1)
+        bump_counter(t, self.reg.counters, b"m%d.copy_bytes" % idx, rc.size)
+
+    def _record_move(self, m: MirrorState, ino: int, rc: RemoteCopy, new_path: bytes) -> None:
+        with self.reg.db.begin(write=True) as txn:
+            self._set_remote(txn, m, ino, RemoteCopy(new_path, rc.ver, rc.hash, rc.size,
+                                                     rc.mode, rc.mtime_ns))
+            bump_counter(txn, self.reg.counters, b"m%d.renames" % m.rule.index, 1)
+
+    def _record_meta(self, m: MirrorState, ino: int, node: Inode) -> None:
+        with self.reg.db.begin(write=True) as txn:
+            rc = self.reg.remote_copy(txn, m.rule.index, ino)
+            if rc is not None:
+                rc.mode, rc.mtime_ns = node.mode, node.mtime_ns
+                txn.put(MQ.pack(m.rule.index, ino), rc.pack(), db=self.reg.remote)
+
+    async def _delete(self, m: MirrorState, ino: int, rc: RemoteCopy) -> None:
+        with self.reg.db.begin() as txn:
+            owner = self._owner(txn, m, rc.path)
+        if owner == ino and m.rule.delete_policy != "never":
+            await m.remote.delete(remote_key(rc.path))
+            with self.reg.db.begin(write=True) as txn:
+                bump_counter(txn, self.reg.counters, b"m%d.deletes" % m.rule.index, 1)
+        with self.reg.db.begin(write=True) as txn:
+            self._drop_remote(txn, m, ino, rc.path)
+
+    async def _upload(self, m: MirrorState, node: Inode, path: bytes,
+                      old: RemoteCopy | None) -> None:
+        ino = node.ino
+        if node.local != LOCAL_FULL:
+            # Content only on other mirrors (a mirror added later, or a lost copy): the read
+            # path fetches it; until then this job waits.
+            if self.ops is not None and self.ops.fetcher is not None:
+                await self.ops.fetcher.fetch_all(node)
+                raise Defer("content fetched; upload next", 0.0)
+            raise RemoteError("content is not in the local cache")
+        of = self.ops.open_files.get(ino) if self.ops is not None else None
+        if of is not None and of.dirty:
+            raise Defer("file is being written", 1.0)
+        gen = of.write_gen if of is not None else 0
+        src = self.store.path(ino)
+        whole, chunks, size = await trio.to_thread.run_sync(hash_file, src,
+                                                           limiter=self.hash_limiter)
+        meta = ObjectMeta(size=size, xxhash=whole, mtime_ns=node.mtime_ns,
+                          mode=node.mode & 0o7777)
+        res = await m.remote.put(remote_key(path), src, meta)
+        of = self.ops.open_files.get(ino) if self.ops is not None else None
+        changed = (res.xxhash != whole or res.size != size
+                   or (of is not None and (of.write_gen != gen or of.dirty)))
+        with self.reg.db.begin(write=True) as txn:
+            cur = self.reg.get_txn(txn, ino)
+            same = (not changed and cur is not None and cur.ver == node.ver
+                    and cur.size == size)
+            rc = RemoteCopy(path, node.ver if same else 0, bytes.fromhex(res.xxhash),
+                            res.size, node.mode, node.mtime_ns)
+            self._set_remote(txn, m, ino, rc)
+            idx = m.rule.index
+            bump_counter(txn, self.reg.counters, b"m%d.uploads" % idx, 1)
+            bump_counter(txn, self.reg.counters, b"m%d.upload_bytes" % idx, res.size)
+            if same and cur is not None:
+                cur.hash = bytes.fromhex(whole)
+                cur.hash_ver = cur.ver
+                txn.put(U64.pack(ino), cur.pack(), db=self.reg.inodes)
+                txn.put(U64.pack(ino), U64.pack(cur.ver) + chunks, db=self.reg.chunks)
+        if changed:
+            raise Defer("file changed during upload; uploading again", 0.5)
+        if old is not None and old.path != path:
+            with self.reg.db.begin() as txn:
+                owner = self._owner(txn, m, old.path)
+            if owner is None and m.rule.delete_policy != "never":
+                await m.remote.delete(remote_key(old.path))
