@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint")
     u.add_argument("-z", "--lazy", action="store_true", help="lazy unmount")
     u.set_defaults(func=cmd_umount)
+
+    from mirrorfs.admin_cli import add_admin_commands
+
+    add_admin_commands(sub)
     return p
 
 

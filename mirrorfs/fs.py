@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from mirrorfs.cache.fetch import Fetcher
     from mirrorfs.cache.store import Store
     from mirrorfs.space import Space
+    from mirrorfs.stats import RuntimeStats
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class OpenFile:
     writers: int = 0
     dirty: bool = False  # data written since the last commit
     write_gen: int = 0  # bumped by every write: the uploader detects changes during upload
+    written: int = 0  # bytes written since the last commit (dirty-data estimate)
 
 
 class Operations(pyfuse3.Operations):
@@ -78,7 +80,8 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, registry: Registry, store: Store, *, attr_timeout: float = 5.0,
                  xattrs: bool = False, readonly: bool = False,
-                 fetcher: Fetcher | None = None, space: Space | None = None) -> None:
+                 fetcher: Fetcher | None = None, space: Space | None = None,
+                 stats: RuntimeStats | None = None) -> None:
         super().__init__()
         self.reg = registry
         self.store = store
@@ -87,6 +90,7 @@ class Operations(pyfuse3.Operations):
         self.readonly = readonly
         self.fetcher = fetcher
         self.space = space
+        self.stats = stats
         self.open_files: dict[int, OpenFile] = {}
         self.fsync_limiter = trio.CapacityLimiter(4)
         registry.is_open = self.is_open
@@ -284,6 +288,10 @@ class Operations(pyfuse3.Operations):
         of = self._open_file(inode)
         if writing:
             of.writers += 1
+        if self.space is not None:
+            self.space.touch(inode)
+        if self.stats is not None:
+            self.stats.bump("hits")
         if flags & os.O_TRUNC and writing and node.size:
             # The kernel asks for atomic O_TRUNC (libfuse's default): truncate here.
             os.ftruncate(of.fd, 0)
@@ -325,6 +333,7 @@ class Operations(pyfuse3.Operations):
             self.reg.mark_open_write(of.ino)
             of.dirty = True
         of.write_gen += 1
+        of.written += len(buf)
         return os.pwrite(of.fd, buf, off)
 
     def _commit_if_dirty(self, of: OpenFile) -> None:
@@ -332,6 +341,9 @@ class Operations(pyfuse3.Operations):
             size = os.fstat(of.fd).st_size
             node = self.reg.commit_content(of.ino, size)
             of.dirty = False
+            if self.space is not None:
+                self.space.committed(of.written)
+            of.written = 0
             self.on_commit(node)
 
     @handler

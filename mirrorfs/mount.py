@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 import trio
@@ -47,8 +48,11 @@ class Daemon:
     reg: Registry
     store: Store
     ops: Operations
-    remotes: dict[str, object] = field(default_factory=dict)
-    uploader: object | None = None
+    remotes: dict[str, Any] = field(default_factory=dict)
+    uploader: Any = None
+    fetcher: Any = None
+    space: Any = None
+    stats: Any = None
     stopping: bool = False
 
 
@@ -77,15 +81,17 @@ def mirror_rules(cfg: Config, reg_index: Callable[[str], int]) -> list[MirrorRul
             for m in cfg.mirrors]
 
 
-def open_registry(cfg: Config) -> tuple[Database, Registry, Store, bool]:
+def open_registry(cfg: Config, mark_unclean: bool = True) -> tuple[Database, Registry, Store,
+                                                                   bool]:
     db = Database(os.path.join(cfg.cache_dir, "meta"))
     reg = Registry(db, [], cfg.upload_delay)
     reg.mirrors = mirror_rules(cfg, reg.mirror_index)
     store = Store(cfg.cache_dir)
     marker = os.path.join(cfg.cache_dir, CLEAN_MARKER)
     clean = os.path.exists(marker)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(marker)
+    if mark_unclean:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
     return db, reg, store, clean
 
 
@@ -99,7 +105,9 @@ def replay_journal(reg: Registry, store: Store, clean: bool) -> None:
 
 def mount_options(cfg: Config, extra: list[str]) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-    opts.add("fsname=mirrorfs")
+    # The config path as the source (as in fstab), so admin commands find the cache dir.
+    src = cfg.path if not any(c in cfg.path for c in ", \t\n\\") else "mirrorfs"
+    opts.add(f"fsname={src}")
     opts.add("subtype=mirrorfs")
     for o in extra:
         for part in o.split(","):
@@ -140,7 +148,7 @@ async def watch_signals(daemon: Daemon) -> None:
             sd_notify("STOPPING=1")
             daemon.stopping = True
             if daemon.uploader is not None:
-                await daemon.uploader.finish_inflight(timeout=30.0)  # type: ignore[attr-defined]
+                await daemon.uploader.finish_inflight(timeout=30.0)
             pyfuse3.terminate()
             return
 
@@ -177,7 +185,10 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
     finally:
         from mirrorfs.workers import close_remotes
 
-        await close_remotes(daemon.remotes)  # type: ignore[arg-type]
+        await close_remotes(daemon.remotes)
+        if daemon.stats is not None:
+            with db.begin(write=True) as txn:
+                daemon.stats.flush(txn, reg.counters)
         ops.close_all()
         pyfuse3.close(unmount=not unmounted or daemon.stopping)
         db.flush()

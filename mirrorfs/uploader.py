@@ -125,6 +125,7 @@ class Uploader:
         self.clock = clock
         self.hash_limiter = trio.CapacityLimiter(2)
         self.draining = False
+        self.on_done: Callable[[int], None] = lambda ino: None
         self._nursery: trio.Nursery | None = None
         if ops is not None:
             ops.on_commit = lambda node: self.kick()
@@ -271,6 +272,7 @@ class Uploader:
             with self.reg.db.begin(write=True) as txn:
                 self.reg.job_done(txn, idx, ino, seq)
                 set_counter(txn, self.reg.counters, b"m%d.last_success" % idx, int(self.clock()))
+            self.on_done(ino)
         finally:
             m.in_flight.discard(ino)
             for k in [k for k, v in m.busy.items() if v == ino]:

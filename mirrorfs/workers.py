@@ -11,8 +11,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from mirrorfs.admin import COMMANDS
+from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
+from mirrorfs.control import serve_control
 from mirrorfs.remotes.base import Remote, make_remote
+from mirrorfs.space import Space
+from mirrorfs.stats import RuntimeStats
 from mirrorfs.uploader import MirrorState, Uploader
 
 if TYPE_CHECKING:
@@ -41,13 +46,39 @@ async def close_remotes(remotes: dict[str, Remote]) -> None:
                 log.exception("closing mirror %s", r.name)
 
 
+async def flush_stats(daemon: Daemon, stats: RuntimeStats) -> None:
+    """Fold the in-memory hot-path counters into LMDB once a second."""
+    while True:
+        await trio.sleep(1.0)
+        if stats.pending():
+            with daemon.db.begin(write=True) as txn:
+                stats.flush(txn, daemon.reg.counters)
+
+
 async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
-    cfg = daemon.cfg
+    cfg, reg, store, ops = daemon.cfg, daemon.reg, daemon.store, daemon.ops
     remotes = open_remotes(cfg)
     daemon.remotes = dict(remotes)
-    rules = {r.name: r for r in daemon.reg.mirrors}
+    stats = RuntimeStats()
+    daemon.stats = stats
+    rules = {r.name: r for r in reg.mirrors}
     states = [MirrorState(rule=rules[m.name], remote=remotes[m.name],
                           concurrency=m.concurrency, paused=cfg.paused)
               for m in cfg.mirrors]
-    daemon.uploader = await Uploader.create(daemon.reg, daemon.store, daemon.ops, states,
-                                            nursery)
+    space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
+                  dirty_limit=cfg.dirty_limit)
+    uploader = await Uploader.create(reg, store, ops, states, nursery)
+    daemon.uploader = uploader
+    fetcher = Fetcher(reg, store, remotes, list(cfg.read_order), stats, nursery,
+                      is_up=lambda name: all(m.up for m in uploader.by_name(name)),
+                      space=space)
+    daemon.fetcher = fetcher
+    daemon.space = space
+    ops.fetcher, ops.space, ops.stats = fetcher, space, stats
+    space.is_busy = lambda ino: ino in ops.open_files or ino in fetcher.downloads
+    space.can_upload = lambda: any(m.up and not m.paused for m in uploader.mirrors.values())
+    uploader.on_done = lambda ino: space.kick()
+    fetcher.on_complete = space.touch
+    nursery.start_soon(space.run, name="space")
+    await nursery.start(serve_control, daemon, COMMANDS)
+    nursery.start_soon(flush_stats, daemon, stats, name="stats")

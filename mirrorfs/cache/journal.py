@@ -79,6 +79,17 @@ class Journal:
             txn.put(MDQ.pack(mirror, due, ino), b"", db=self.queue)
         self._put(txn, mirror, ino, job)
 
+    def expedite(self, txn: lmdb.Transaction, mirror: int, ino: int, now: float) -> bool:
+        """Skip the rest of the cool-down of a pending job (drain, move); True if it moved."""
+        job = self.get(txn, mirror, ino)
+        if job is None or job.state != JOB_PENDING or job.due <= now:
+            return False
+        txn.delete(MDQ.pack(mirror, job.due, ino), db=self.queue)
+        job.due = now
+        self._put(txn, mirror, ino, job)
+        txn.put(MDQ.pack(mirror, now, ino), b"", db=self.queue)
+        return True
+
     def due(self, txn: lmdb.Transaction, mirror: int, now: float,
             limit: int) -> list[tuple[int, Job]]:
         """Up to ``limit`` pending jobs of ``mirror`` whose due time has passed, oldest first."""

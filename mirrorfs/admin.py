@@ -1,0 +1,380 @@
+"""Admin commands: what they do to a live daemon (through the control socket) or offline.
+
+Owns no state. Each ``cmd_*`` coroutine takes the daemon, the request and a progress callback
+and returns something JSON-serialisable; :data:`COMMANDS` is what the control socket serves.
+Statistics come from counters kept in LMDB with every change, so ``stats`` costs the same on
+a million files as on ten.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from mirrorfs.cache.db import (
+    F_LOST,
+    F_PINNED,
+    JOB_CLAIMED,
+    JOB_FAILED,
+    LOCAL_FULL,
+    ROOT_INO,
+    U64,
+    Inode,
+    get_counter,
+)
+from mirrorfs.cache.registry import Registry
+from mirrorfs.control import Command, Progress
+
+if TYPE_CHECKING:
+    from mirrorfs.mount import Daemon
+
+STAT_NAMES = ("files", "dirs", "symlinks", "bytes", "local_files", "local_bytes",
+              "dirty_files", "dirty_bytes", "hits", "misses", "downloads", "download_bytes",
+              "evictions", "evicted_bytes", "verify_failures", "whole_hash_downloads",
+              "unverified_downloads", "read_errors")
+MIRROR_STAT_NAMES = ("jobs", "failed", "copies", "copy_bytes", "uploads", "upload_bytes",
+                     "deletes", "renames", "last_success")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def resolve(reg: Registry, path: str) -> Inode:
+    """A path relative to the mount root (as the CLI sends it) to its inode."""
+    node = reg.get(ROOT_INO)
+    assert node is not None
+    for part in os.fsencode(path).split(b"/"):
+        if part in (b"", b"."):
+            continue
+        child = reg.lookup(node.ino, part)
+        if child is None:
+            raise LookupError(f"{path}: no such file in the mount")
+        node = child
+    return node
+
+
+def walk_files(reg: Registry, node: Inode) -> Iterator[Inode]:
+    """Every regular file at or below ``node``."""
+    if stat.S_ISREG(node.mode):
+        yield node
+        return
+    stack = [node.ino]
+    while stack:
+        ino = stack.pop()
+        for _name, child_ino in reg.list_dir(ino):
+            child = reg.get(child_ino)
+            if child is None:
+                continue
+            if stat.S_ISDIR(child.mode):
+                stack.append(child.ino)
+            elif stat.S_ISREG(child.mode):
+                yield child
+
+
+def files_for(reg: Registry, paths: list[str]) -> Iterator[Inode]:
+    for p in paths or [""]:
+        yield from walk_files(reg, resolve(reg, p))
+
+
+def mirror_names(d: Daemon, name: str | None) -> list[tuple[str, int]]:
+    rules = [(m.name, m.index) for m in d.reg.mirrors]
+    if name is None:
+        return rules
+    found = [r for r in rules if r[0] == name]
+    if not found:
+        raise LookupError(f"no mirror named {name!r} (have: {', '.join(r[0] for r in rules)})")
+    return found
+
+
+# ---------------------------------------------------------------- stats
+
+
+def collect_stats(d: Daemon) -> dict[str, Any]:
+    reg = d.reg
+    now = time.time()
+    out: dict[str, Any] = {}
+    with reg.db.begin() as txn:
+        for n in STAT_NAMES:
+            out[n] = get_counter(txn, reg.counters, n.encode())
+        if d.stats is not None:
+            for n, v in d.stats.delta.items():
+                out[n] = out.get(n, 0) + v
+        out["remote_only_files"] = out["files"] - out["local_files"]
+        out["remote_only_bytes"] = out["bytes"] - out["local_bytes"]
+        mirrors: dict[str, Any] = {}
+        journal = 0
+        for m in reg.mirrors:
+            ms = {n: get_counter(txn, reg.counters, b"m%d.%s" % (m.index, n.encode()))
+                  for n in MIRROR_STAT_NAMES}
+            ms["pending"] = ms["jobs"] - ms["failed"]
+            journal += ms["jobs"]
+            oldest = reg.journal.next_due(txn, m.index)
+            ms["oldest_pending_age"] = (max(0.0, now - (oldest - reg.upload_delay))
+                                        if oldest is not None else None)
+            state = d.uploader.by_name(m.name)[0] if d.uploader is not None else None
+            ms["in_flight"] = len(state.in_flight) if state else 0
+            ms["up"] = state.up if state else None
+            ms["paused"] = state.paused if state else None
+            ms["last_error"] = state.last_error if state else ""
+            ms["uploaded"] = ms.pop("copies")
+            ms["uploaded_bytes"] = ms.pop("copy_bytes")
+            mirrors[m.name] = ms
+        out["mirrors"] = mirrors
+        out["journal_length"] = journal
+    out["cache_size"] = d.cfg.cache_size
+    out["dirty_limit"] = d.cfg.dirty_limit
+    out["online"] = d.uploader is not None
+    return out
+
+
+async def cmd_stats(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    return collect_stats(d)
+
+
+def list_queue(d: Daemon, mirror: str | None, limit: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    with d.reg.db.begin() as txn:
+        for name, idx in mirror_names(d, mirror):
+            for ino, job in d.reg.journal.iter_jobs(txn, idx):
+                if len(out) >= limit:
+                    return out
+                node = d.reg.get_txn(txn, ino)
+                path = (d.reg.path_txn(txn, node).decode("utf-8", "backslashreplace")
+                        if node is not None else None)
+                out.append({"mirror": name, "ino": ino, "path": path,
+                            "state": ("failed" if job.state == JOB_FAILED else "in flight"
+                                      if job.state == JOB_CLAIMED else "pending"),
+                            "due": job.due, "attempts": job.attempts, "error": job.error,
+                            "deleted": node is None or node.nlink == 0})
+    return out
+
+
+async def cmd_queue(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    return list_queue(d, req.get("mirror"), int(req.get("limit", 1000)))
+
+
+async def cmd_retry(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    n = 0
+    with d.reg.db.begin(write=True) as txn:
+        for _name, idx in mirror_names(d, req.get("mirror")):
+            n += d.reg.journal.retry_failed(txn, idx, time.time())
+    if d.uploader is not None:
+        d.uploader.kick()
+    return {"retried": n}
+
+
+async def cmd_pause(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    mirror_names(d, req.get("mirror"))
+    d.uploader.pause(req.get("mirror"))
+    return {"paused": [m for m, _ in mirror_names(d, req.get("mirror"))]}
+
+
+async def cmd_resume(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    mirror_names(d, req.get("mirror"))
+    d.uploader.resume(req.get("mirror"))
+    return {"resumed": [m for m, _ in mirror_names(d, req.get("mirror"))]}
+
+
+# ---------------------------------------------------------------- local / remote
+
+
+def file_state(d: Daemon, node: Inode) -> dict[str, Any]:
+    reg = d.reg
+    out: dict[str, Any] = {"local": node.local == LOCAL_FULL,
+                           "pinned": bool(node.flags & F_PINNED),
+                           "lost": bool(node.flags & F_LOST), "mirrors": {}}
+    with reg.db.begin() as txn:
+        path = reg.path_txn(txn, node)
+        dirty = False
+        for m in reg.mirrors:
+            job = reg.journal.get(txn, m.index, node.ino)
+            rc = reg.remote_copy(txn, m.index, node.ino)
+            if job is not None:
+                dirty = True
+                s = "failed" if job.state == JOB_FAILED else "pending"
+            elif not m.wants(path):
+                s = "excluded"
+            elif rc is not None and rc.ver == node.ver and rc.path == path:
+                s = "uploaded"
+            else:
+                s = "missing"
+            out["mirrors"][m.name] = s
+    if node.flags & F_LOST:
+        out["state"] = "lost"
+    elif node.local != LOCAL_FULL:
+        out["state"] = "remote-only"
+    elif dirty:
+        out["state"] = "dirty"
+    elif reg.mirrors and all(v in ("uploaded", "excluded") for v in out["mirrors"].values()):
+        out["state"] = "uploaded"
+    else:
+        out["state"] = "local"
+    return out
+
+
+async def cmd_state(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    return {p: file_state(d, resolve(d.reg, p)) for p in req.get("paths", [])}
+
+
+async def cmd_evict(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    done, kept = 0, []
+    for node in files_for(d.reg, req.get("paths", [])):
+        if node.local != LOCAL_FULL:
+            continue
+        if d.space.evict(node.ino, force_pinned=bool(req.get("force"))) is None:
+            kept.append(d.reg.path_of(node.ino).decode("utf-8", "backslashreplace"))
+        else:
+            done += 1
+    return {"evicted": done, "kept": kept}
+
+
+def _set_pin(d: Daemon, paths: list[str], pin: bool) -> int:
+    n = 0
+    for node in files_for(d.reg, paths):
+        with d.reg.db.begin(write=True) as txn:
+            cur = d.reg.get_txn(txn, node.ino)
+            if cur is None:
+                continue
+            cur.flags = cur.flags | F_PINNED if pin else cur.flags & ~F_PINNED
+            txn.put(U64.pack(cur.ino), cur.pack(), db=d.reg.inodes)
+            n += 1
+    return n
+
+
+async def cmd_pin(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    return {"pinned": _set_pin(d, req.get("paths", []), True)}
+
+
+async def cmd_unpin(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    return {"unpinned": _set_pin(d, req.get("paths", []), False)}
+
+
+def expedite_all(d: Daemon, inos: list[int] | None = None) -> int:
+    """Skip the cool-down: every pending job (or those of ``inos``) is due now."""
+    now = time.time()
+    n = 0
+    with d.reg.db.begin(write=True) as txn:
+        for m in d.reg.mirrors:
+            targets = inos if inos is not None else [
+                ino for ino, _job in d.reg.journal.iter_jobs(txn, m.index)]
+            for ino in targets:
+                n += d.reg.journal.expedite(txn, m.index, ino, now)
+    if d.uploader is not None:
+        d.uploader.kick()
+    return n
+
+
+def journal_length(d: Daemon, inos: list[int] | None = None,
+                   count_failed: bool = True) -> int:
+    with d.reg.db.begin() as txn:
+        if inos is None:
+            total = 0
+            for m in d.reg.mirrors:
+                total += get_counter(txn, d.reg.counters, b"m%d.jobs" % m.index)
+                if not count_failed:
+                    total -= get_counter(txn, d.reg.counters, b"m%d.failed" % m.index)
+            return total
+        return sum(1 for ino in inos for m in d.reg.mirrors
+                   if (job := d.reg.journal.get(txn, m.index, ino)) is not None
+                   and (count_failed or job.state != JOB_FAILED))
+
+
+async def cmd_drain(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    """Wait until every mirror holds everything (failed items do not block; they are listed)."""
+    timeout = req.get("timeout")
+    expedite_all(d)
+    start = trio.current_time()
+    last = -1.0
+    with trio.move_on_after(float(timeout) if timeout else float("inf")) as scope:
+        while (left := journal_length(d, count_failed=False)) > 0:
+            if trio.current_time() - last >= 1.0:
+                await progress({"pending": left})
+                last = trio.current_time()
+            expedite_all(d)
+            await trio.sleep(0.1)
+    failed = journal_length(d) - journal_length(d, count_failed=False)
+    return {"drained": not scope.cancelled_caught,
+            "pending": journal_length(d, count_failed=False), "failed": failed,
+            "seconds": round(trio.current_time() - start, 3)}
+
+
+async def cmd_move(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    direction = req.get("direction")
+    nodes = list(files_for(d.reg, req.get("paths", [])))
+    if direction == "to-local":
+        n = 0
+        for node in nodes:
+            if node.local != LOCAL_FULL:
+                await d.fetcher.fetch_all(node)
+                n += 1
+            await progress({"done": n, "total": len(nodes)})
+        _set_pin(d, req.get("paths", []), True)
+        return {"downloaded": n, "pinned": len(nodes)}
+    if direction != "to-remote":
+        raise ValueError("direction must be to-local or to-remote")
+    inos = [n.ino for n in nodes]
+    _set_pin(d, req.get("paths", []), False)
+    expedite_all(d, inos)
+    while (left := journal_length(d, inos, count_failed=False)) > 0:
+        await progress({"uploading": left, "total": len(inos)})
+        expedite_all(d, inos)
+        await trio.sleep(0.2)
+    evicted, kept = 0, []
+    for ino in inos:
+        if d.space.evict(ino) is not None:
+            evicted += 1
+        else:
+            node = d.reg.get(ino)
+            if node is not None and node.local == LOCAL_FULL:
+                kept.append(d.reg.path_of(ino).decode("utf-8", "backslashreplace"))
+    return {"evicted": evicted, "kept": kept}
+
+
+async def cmd_backfill(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    """Queue every file for one mirror, in batches, restartable from a saved cursor."""
+    (name, idx), = mirror_names(d, req["mirror"])
+    rule = next(m for m in d.reg.mirrors if m.index == idx)
+    batch = int(req.get("batch", 1000))
+    cursors = d.reg.db.db["cursors"]
+    key = b"backfill:" + name.encode()
+    total = 0
+    with d.reg.db.begin() as txn:
+        v = txn.get(key, db=cursors)
+        after = U64.unpack(v)[0] if v else 0
+    resumed = after > 0
+    while True:
+        with d.reg.db.begin(write=True) as txn:
+            queued, last = d.reg.touch_all(txn, rule, time.time(), after, batch)
+            total += queued
+            if last == 0:
+                txn.delete(key, db=cursors)
+                break
+            txn.put(key, U64.pack(last), db=cursors)
+        after = last
+        await progress({"queued": total, "ino": last})
+        await trio.sleep(0)
+    if d.uploader is not None:
+        d.uploader.kick()
+    return {"queued": total, "resumed": resumed}
+
+
+async def cmd_url(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    node = resolve(d.reg, req["path"])
+    out = {}
+    for name, _idx in mirror_names(d, req.get("mirror")):
+        remote = d.remotes.get(name)
+        out[name] = remote.url(os.fsdecode(d.reg.path_of(node.ino))) if remote else None
+    return out
+
+
+COMMANDS: dict[str, Command] = {
+    "stats": cmd_stats, "queue": cmd_queue, "retry": cmd_retry, "pause": cmd_pause,
+    "resume": cmd_resume, "state": cmd_state, "evict": cmd_evict, "pin": cmd_pin,
+    "unpin": cmd_unpin, "drain": cmd_drain, "move": cmd_move, "backfill": cmd_backfill,
+    "url": cmd_url,
+}

@@ -1,0 +1,337 @@
+"""The admin subcommands of ``mirrorfs``: find the daemon, call it, print the answer.
+
+A command goes to the running daemon through its control socket; where it is safe without a
+daemon (stats, queue, retry, pin, unpin, backfill, state) it opens the LMDB registry directly,
+under the same lock the daemon takes. Output is a human table by default and JSON with
+``--json``; long commands show progress on a terminal and plain lines otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from mirrorfs.config import Config, load_config
+from mirrorfs.control import ControlClient
+from mirrorfs.errors import ConfigError
+
+OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url"}
+
+
+class AdminError(Exception):
+    pass
+
+
+def mirrorfs_mounts() -> list[tuple[str, str]]:
+    """(source, mountpoint) of every mirrorfs mount, from /proc/self/mounts."""
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "fuse.mirrorfs":
+                unesc = [p.replace("\\040", " ").replace("\\011", "\t") for p in parts[:2]]
+                out.append((unesc[0], unesc[1]))
+    return out
+
+
+def locate(args: argparse.Namespace) -> tuple[Config, str | None]:
+    config = getattr(args, "config", None)
+    mounts = mirrorfs_mounts()
+    if config:
+        cfg = load_config(config)
+        mp = next((m for s, m in mounts if os.path.abspath(s) == cfg.path), None)
+        return cfg, mp
+    probe = [os.path.abspath(p) for p in getattr(args, "paths", None) or []] + [os.getcwd()]
+    for p in probe:
+        for src, mp in sorted(mounts, key=lambda x: -len(x[1])):
+            if p == mp or p.startswith(mp.rstrip("/") + "/"):
+                return load_config(src), mp
+    if len(mounts) == 1:
+        return load_config(mounts[0][0]), mounts[0][1]
+    raise AdminError("which mount? give --config CONFIG "
+                     f"({len(mounts)} mirrorfs mounts found)")
+
+
+def rel_paths(paths: list[str], mountpoint: str | None) -> list[str]:
+    out = []
+    for p in paths:
+        ap = os.path.abspath(p)
+        if mountpoint and (ap == mountpoint or ap.startswith(mountpoint.rstrip("/") + "/")):
+            out.append(os.path.relpath(ap, mountpoint) if ap != mountpoint else "")
+        elif os.path.isabs(p) and mountpoint:
+            raise AdminError(f"{p} is not under the mount {mountpoint}")
+        else:
+            out.append(p)
+    return out
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def print_stats(s: dict[str, Any]) -> None:
+    print(f"files         {s['files']:>12,}  {human(s['bytes']):>10}"
+          f"   dirs {s['dirs']:,}  symlinks {s['symlinks']:,}")
+    print(f"on local disk {s['local_files']:>12,}  {human(s['local_bytes']):>10}"
+          f"   (bound {human(s['cache_size'])})")
+    print(f"  dirty       {s['dirty_files']:>12,}  {human(s['dirty_bytes']):>10}"
+          f"   (limit {human(s['dirty_limit'])})")
+    print(f"remote-only   {s['remote_only_files']:>12,}  {human(s['remote_only_bytes']):>10}")
+    print(f"cache         hits {s['hits']:,}  misses {s['misses']:,}  downloaded "
+          f"{human(s['download_bytes'])}  evictions {s['evictions']:,}  "
+          f"verify failures {s['verify_failures']:,}")
+    print(f"journal       {s['journal_length']:,} pending jobs"
+          + ("" if s.get("online") else "   (daemon not running)"))
+    if s["mirrors"]:
+        print()
+        print(f"{'mirror':<14}{'state':<9}{'uploaded':>10}{'bytes':>12}{'pending':>9}"
+              f"{'failed':>8}{'oldest':>8}  last success")
+        for name, m in s["mirrors"].items():
+            state = ("paused" if m["paused"] else "down" if m["up"] is False
+                     else "up" if m["up"] else "offline")
+            last = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["last_success"]))
+                    if m["last_success"] else "never")
+            print(f"{name:<14}{state:<9}{m['uploaded']:>10,}{human(m['uploaded_bytes']):>12}"
+                  f"{m['pending']:>9,}{m['failed']:>8,}{age(m['oldest_pending_age']):>8}  "
+                  f"{last}")
+            if m.get("last_error") and state != "up":
+                print(f"{'':<14}last error: {m['last_error']}")
+
+
+def prometheus(s: dict[str, Any]) -> str:
+    lines = []
+    for k, v in s.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            lines.append(f"mirrorfs_{k} {v}")
+    for name, m in s["mirrors"].items():
+        for k, v in m.items():
+            if isinstance(v, bool):
+                v = int(v)
+            if isinstance(v, int | float):
+                lines.append(f'mirrorfs_mirror_{k}{{mirror="{name}"}} {v}')
+    return "\n".join(lines) + "\n"
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        text = "  ".join(f"{k} {v}" for k, v in p.items())
+        if self.tty:
+            sys.stderr.write("\r" + text[:120].ljust(60))
+            sys.stderr.flush()
+        elif time.monotonic() - self.last >= 1.0:
+            print(text, file=sys.stderr, flush=True)
+            self.last = time.monotonic()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def call(args: argparse.Namespace, cmd: str, **req: Any) -> Any:
+    cfg, mp = locate(args)
+    if "paths" in req:
+        req["paths"] = rel_paths(req["paths"], mp)
+    if "path" in req:
+        req["path"] = rel_paths([req["path"]], mp)[0]
+    progress = Progress()
+    try:
+        client = ControlClient(cfg.cache_dir, timeout=None)
+    except OSError:
+        if cmd not in OFFLINE_OK:
+            raise AdminError(f"no running mirrorfs for {cfg.path} ({cmd} needs one)") from None
+        return call_offline(cfg, cmd, req)
+    try:
+        return client.call(cmd, on_progress=progress, **req)
+    except KeyboardInterrupt:
+        raise AdminError("interrupted; rerun to continue") from None
+    finally:
+        progress.done()
+        client.close()
+
+
+def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
+    import trio
+
+    from mirrorfs.admin import COMMANDS
+    from mirrorfs.mount import AlreadyMounted, Daemon, lock_cache_dir, open_registry
+
+    try:
+        lock = lock_cache_dir(cfg.cache_dir)
+    except AlreadyMounted as exc:
+        raise AdminError(f"{exc} but its control socket does not answer") from None
+    db, reg, store, _clean = open_registry(cfg, mark_unclean=False)
+    try:
+        d = Daemon(cfg, "", db, reg, store, None)  # type: ignore[arg-type]
+
+        async def progress(p: dict[str, Any]) -> None:
+            Progress()(p)
+
+        return trio.run(COMMANDS[cmd], d, req, progress)
+    finally:
+        db.flush()
+        db.close()
+        os.close(lock)
+
+
+def emit(args: argparse.Namespace, result: Any, text: str | None = None) -> None:
+    if getattr(args, "json", False) or text is None:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return int(args.admin(args) or 0)
+    except ConfigError as exc:
+        print(f"mirrorfs: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except (AdminError, RuntimeError, ConnectionError, LookupError) as exc:
+        print(f"mirrorfs {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- subcommands
+
+
+def a_stats(args: argparse.Namespace) -> int:
+    s = call(args, "stats")
+    if args.prometheus:
+        text = prometheus(s)
+        if args.textfile:
+            tmp = args.textfile + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, args.textfile)
+        else:
+            sys.stdout.write(text)
+    elif args.json:
+        emit(args, s)
+    else:
+        print_stats(s)
+    return 0
+
+
+def a_queue(args: argparse.Namespace) -> int:
+    q = call(args, "queue", mirror=args.mirror, limit=args.limit)
+    if args.json:
+        emit(args, q)
+        return 0
+    for item in q:
+        due = time.strftime("%H:%M:%S", time.localtime(item["due"]))
+        err = f"  ({item['error']})" if item["error"] else ""
+        print(f"{item['mirror']:<12}{item['state']:<10}{due:<10}{item['attempts']:>3}  "
+              f"{item['path'] or '(deleted)'}{err}")
+    return 0
+
+
+def simple(cmd: str, **fields: str) -> Any:
+    def fn(args: argparse.Namespace) -> int:
+        req = {k: getattr(args, v) for k, v in fields.items()}
+        result = call(args, cmd, **req)
+        emit(args, result, None if args.json else " ".join(
+            f"{k}: {v}" for k, v in result.items()) if isinstance(result, dict) else None)
+        if cmd == "drain" and isinstance(result, dict) and not result.get("drained"):
+            return 1
+        return 0
+
+    return fn
+
+
+def a_state(args: argparse.Namespace) -> int:
+    result = call(args, "state", paths=args.paths)
+    if args.json:
+        emit(args, result)
+    else:
+        for p, st in result.items():
+            mirrors = ", ".join(f"{k}={v}" for k, v in st["mirrors"].items())
+            print(f"{st['state']:<12}{p}  {mirrors}")
+    return 0
+
+
+def a_url(args: argparse.Namespace) -> int:
+    result = call(args, "url", path=args.path, mirror=args.mirror)
+    if args.json:
+        emit(args, result)
+        return 0
+    urls = [u for u in result.values() if u]
+    if not urls:
+        print("mirrorfs url: no url_base configured for "
+              + ", ".join(result), file=sys.stderr)
+        return 1
+    for name, u in result.items():
+        if u:
+            print(u if len(result) == 1 else f"{name}\t{u}")
+    return 0
+
+
+def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    def cmd(name: str, fn: Any, help: str, paths: bool = False,
+            mirror: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("-c", "--config", help="the mount's config (default: found from the "
+                       "current directory or the paths)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if paths:
+            p.add_argument("paths", nargs="*", metavar="PATH")
+        if mirror == "optional":
+            p.add_argument("mirror", nargs="?", help="one mirror (default: all)")
+        elif mirror == "required":
+            p.add_argument("mirror")
+        p.set_defaults(func=run, admin=fn)
+        return p
+
+    p = cmd("stats", a_stats, "files, cache and per-mirror statistics")
+    p.add_argument("--prometheus", action="store_true", help="Prometheus text format")
+    p.add_argument("--textfile", help="with --prometheus: write atomically to this file")
+    p = cmd("queue", a_queue, "pending and failed work per mirror")
+    p.add_argument("--mirror")
+    p.add_argument("--limit", type=int, default=1000)
+    cmd("retry", simple("retry", mirror="mirror"), "retry failed items", mirror="optional")
+    cmd("pause", simple("pause", mirror="mirror"), "pause uploads", mirror="optional")
+    cmd("resume", simple("resume", mirror="mirror"), "resume uploads", mirror="optional")
+    cmd("state", a_state, "per-file state (dirty, uploaded, remote-only...)", paths=True)
+    p = cmd("evict", simple("evict", paths="paths", force="force"),
+            "drop local copies of clean files", paths=True)
+    p.add_argument("--force", action="store_true", help="also unpin")
+    cmd("pin", simple("pin", paths="paths"), "keep files on local disk", paths=True)
+    cmd("unpin", simple("unpin", paths="paths"), "allow eviction again", paths=True)
+    p = cmd("drain", simple("drain", timeout="timeout"),
+            "upload everything now and wait until every mirror holds it")
+    p.add_argument("--timeout", type=float)
+    p = cmd("move", simple("move", direction="direction", paths="paths"),
+            "move files to the mirrors (evict) or to local disk (download and pin)",
+            paths=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to-remote", dest="direction", action="store_const", const="to-remote")
+    g.add_argument("--to-local", dest="direction", action="store_const", const="to-local")
+    p = cmd("backfill", simple("backfill", mirror="mirror", batch="batch"),
+            "queue every existing file for a mirror (restartable)", mirror="required")
+    p.add_argument("--batch", type=int, default=1000)
+    p = cmd("url", a_url, "public URL of a file on a mirror")
+    p.add_argument("path")
+    p.add_argument("mirror", nargs="?")

@@ -1,0 +1,393 @@
+"""Downloads of remote-only files: streamed, shared between readers, verified per chunk.
+
+Owns the downloads in progress and the handles open on remote-only files.
+
+A download fills ``data/<ino>.part`` (sparse, full size) from one streaming GET that starts at
+the first missing chunk. Each CHUNK_SIZE piece is checked against the xxh3_64 recorded when the
+file was uploaded before it is written and marked verified; a read is answered as soon as the
+chunks it covers are verified, so the first bytes of a large file are served long before the
+end arrives. A read far ahead of the stream gets a ranged request of its own. A chunk that does
+not match is retried once, then fetched from the next mirror; if no mirror has good bytes the
+read fails with EIO and the log says which mirror served what.
+
+Files with only a whole-file hash (imported objects) are not streamed: readers wait until the
+whole download matched that hash (counted as ``whole_hash_downloads``). An object with no hash
+at all (a foreign bucket without our metadata) is trusted on first use by size only, counted as
+``unverified_downloads``, and its hashes are recorded from then on.
+
+When every chunk is verified the file is fsync'd and renamed into place, and the inode becomes
+local in LMDB: a crash at any point leaves either a ``.part`` file (discarded at startup) or a
+complete verified file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+import xxhash
+from pyfuse3 import FUSEError
+
+from mirrorfs.cache.db import LOCAL_FULL, U64, Inode, RemoteCopy
+from mirrorfs.errors import IntegrityError, MirrorfsError
+from mirrorfs.hashing import chunk_digest
+from mirrorfs.remotes.base import CHUNK_SIZE, Remote
+
+if TYPE_CHECKING:
+    from mirrorfs.cache.registry import Registry
+    from mirrorfs.cache.store import Store
+    from mirrorfs.space import Space
+    from mirrorfs.stats import RuntimeStats
+
+log = logging.getLogger(__name__)
+
+#: a read this many chunks ahead of the stream gets a ranged request of its own
+AHEAD_CHUNKS = 4
+#: attempts per mirror for a chunk whose hash does not match
+ATTEMPTS_PER_MIRROR = 2
+FH_BASE = 1 << 48
+
+
+@dataclass
+class Source:
+    name: str
+    remote: Remote
+    key: str
+    copy: RemoteCopy
+
+
+@dataclass
+class Download:
+    ino: int
+    ver: int
+    size: int
+    fd: int
+    expected: list[bytes] | None  # per-chunk digests; None: whole-file hash only
+    whole: bytes | None  # xxh3_128 digest expected for the whole file, if known
+    sources: list[Source]
+    verified: bytearray = field(default_factory=bytearray)
+    failed: dict[int, str] = field(default_factory=dict)
+    progress: trio.Event = field(default_factory=trio.Event)
+    done: bool = False
+    error: str | None = None
+    front: int = 0  # chunk the streaming GET is working on
+    ranged: set[int] = field(default_factory=set)
+    handles: int = 0
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def nchunks(self) -> int:
+        return max(1, -(-self.size // CHUNK_SIZE))
+
+    def chunk_len(self, i: int) -> int:
+        return min(CHUNK_SIZE, self.size - i * CHUNK_SIZE) if self.size else 0
+
+    def notify(self) -> None:
+        self.progress.set()
+        self.progress = trio.Event()
+
+    def covered(self, off: int, size: int) -> bool:
+        if self.done:
+            return True
+        if self.expected is None:
+            return False
+        first, last = off // CHUNK_SIZE, max(off, min(off + size, self.size) - 1) // CHUNK_SIZE
+        return all(self.verified[i] for i in range(first, min(last, self.nchunks - 1) + 1))
+
+
+class Fetcher:
+    def __init__(self, reg: Registry, store: Store, remotes: dict[str, Remote],
+                 read_order: list[str], stats: RuntimeStats, nursery: trio.Nursery,
+                 is_up: Callable[[str], bool] = lambda name: True,
+                 space: Space | None = None) -> None:
+        self.reg = reg
+        self.store = store
+        self.remotes = remotes
+        self.read_order = read_order
+        self.stats = stats
+        self.nursery = nursery
+        self.is_up = is_up
+        self.space = space
+        self.downloads: dict[int, Download] = {}
+        self.handles: dict[int, int] = {}  # fh -> ino
+        self._next_fh = FH_BASE
+        self.on_complete: Callable[[int], None] = lambda ino: None
+
+    # ------------------------------------------------------------ handles
+
+    def owns(self, fh: int) -> bool:
+        return fh in self.handles
+
+    def open_remote(self, node: Inode) -> int:
+        dl = self._start(node)
+        dl.handles += 1
+        self._next_fh += 1
+        self.handles[self._next_fh] = node.ino
+        return self._next_fh
+
+    def release(self, fh: int) -> None:
+        ino = self.handles.pop(fh, None)
+        dl = self.downloads.get(ino) if ino is not None else None
+        if dl is not None:
+            dl.handles -= 1
+            self._maybe_forget(dl)
+
+    def _maybe_forget(self, dl: Download) -> None:
+        if dl.handles <= 0 and (dl.done or dl.error):
+            self.downloads.pop(dl.ino, None)
+            os.close(dl.fd)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        dl = self.downloads[self.handles[fh]]
+        if off >= dl.size:
+            return b""
+        while not dl.covered(off, size):
+            if dl.error:
+                raise FUSEError(errno.EIO)
+            bad = [i for i in self._chunks(dl, off, size) if i in dl.failed]
+            if bad:
+                self.stats.bump("read_errors")
+                raise FUSEError(errno.EIO)
+            self._maybe_ranged(dl, off)
+            await dl.progress.wait()
+        return os.pread(dl.fd, min(size, dl.size - off), off)
+
+    def _chunks(self, dl: Download, off: int, size: int) -> range:
+        last = min(off + size, dl.size) - 1
+        return range(off // CHUNK_SIZE, last // CHUNK_SIZE + 1)
+
+    async def fetch_all(self, node: Inode) -> None:
+        """Bring the whole file into the cache (before a write, or for an upload elsewhere)."""
+        dl = self._start(node)
+        dl.handles += 1
+        try:
+            while not dl.done:
+                if dl.error or dl.failed:
+                    raise IntegrityError(dl.error or "no mirror has good bytes")
+                await dl.progress.wait()
+        finally:
+            dl.handles -= 1
+            self._maybe_forget(dl)
+
+    # ------------------------------------------------------------ downloads
+
+    def _sources(self, node: Inode) -> list[Source]:
+        names = list(self.read_order) + [n for n in self.remotes if n not in self.read_order]
+        up = [n for n in names if self.is_up(n)] + [n for n in names if not self.is_up(n)]
+        out = []
+        with self.reg.db.begin() as txn:
+            for name in up:
+                idx = self._index(name)
+                if idx is None:
+                    continue
+                rc = self.reg.remote_copy(txn, idx, node.ino)
+                if rc is None or (rc.ver and rc.ver != node.ver):
+                    continue
+                out.append(Source(name, self.remotes[name], os.fsdecode(rc.path), rc))
+        return out
+
+    def _index(self, name: str) -> int | None:
+        for m in self.reg.mirrors:
+            if m.name == name:
+                return m.index
+        return None
+
+    def _start(self, node: Inode) -> Download:
+        dl = self.downloads.get(node.ino)
+        if dl is not None and not dl.error:
+            return dl
+        if node.local == LOCAL_FULL and dl is None:
+            raise FUSEError(errno.EIO)  # caller should have used the local file
+        sources = self._sources(node)
+        if not sources:
+            log.error("%r (inode %d) is not in the cache and no mirror holds version %d",
+                      self.reg.path_of(node.ino), node.ino, node.ver)
+            raise FUSEError(errno.EIO)
+        expected = None
+        with self.reg.db.begin() as txn:
+            v = txn.get(U64.pack(node.ino), db=self.reg.chunks)
+        if v is not None and U64.unpack(v[:8])[0] == node.ver:
+            raw = bytes(v[8:])
+            expected = [raw[i:i + 8] for i in range(0, len(raw), 8)]
+        whole = node.hash if node.hash_ver == node.ver and node.hash_ver else None
+        if whole is None and sources[0].copy.hash.strip(b"\0"):
+            whole = sources[0].copy.hash
+        if self.space is not None:
+            self.space.make_room(node.size)
+        fd = os.open(self.store.part_path(node.ino),
+                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, node.size)
+        dl = Download(node.ino, node.ver, node.size, fd, expected, whole, sources)
+        dl.verified = bytearray(dl.nchunks)
+        if expected is not None and len(expected) != dl.nchunks:
+            dl.expected = None
+        self.downloads[node.ino] = dl
+        self.stats.bump("misses")
+        self.stats.bump("downloads")
+        self.nursery.start_soon(self._run_front, dl)
+        return dl
+
+    def _maybe_ranged(self, dl: Download, off: int) -> None:
+        c = off // CHUNK_SIZE
+        if (dl.expected is not None and c - dl.front >= AHEAD_CHUNKS and c not in dl.ranged
+                and not dl.verified[c]):
+            dl.ranged.add(c)
+            self.nursery.start_soon(self._run_ranged, dl, c)
+
+    async def _run_ranged(self, dl: Download, c: int) -> None:
+        with dl.cancel:
+            for src in dl.sources:
+                for _ in range(ATTEMPTS_PER_MIRROR):
+                    try:
+                        async with src.remote.open_read(src.key, c * CHUNK_SIZE,
+                                                        dl.chunk_len(c)) as stream:
+                            buf = bytearray()
+                            while len(buf) < dl.chunk_len(c):
+                                data = await stream.read()
+                                if not data:
+                                    break
+                                buf += data
+                        if dl.verified[c]:
+                            return
+                        self._accept(dl, c, bytes(buf[:dl.chunk_len(c)]), src)
+                        return
+                    except IntegrityError:
+                        continue
+                    except (MirrorfsError, OSError) as exc:
+                        log.info("ranged read of %s from %s failed: %s", src.key, src.name, exc)
+                        break
+        dl.ranged.discard(c)  # the stream will get there
+
+    def _accept(self, dl: Download, c: int, piece: bytes, src: Source) -> None:
+        """Verify one chunk and write it; raise IntegrityError if it does not match."""
+        if len(piece) != dl.chunk_len(c):
+            raise IntegrityError(f"short chunk {c} from {src.name}")
+        if dl.expected is not None and chunk_digest(piece) != dl.expected[c]:
+            self.stats.bump("verify_failures")
+            log.warning("chunk %d of %s from mirror %s does not match its xxhash", c, src.key,
+                        src.name)
+            raise IntegrityError(f"chunk {c} from {src.name} does not match")
+        os.pwrite(dl.fd, piece, c * CHUNK_SIZE)
+        dl.verified[c] = 1
+        self.stats.bump("download_bytes", len(piece))
+        dl.notify()
+
+    async def _run_front(self, dl: Download) -> None:
+        try:
+            with dl.cancel:
+                await self._stream_all(dl)
+        except Exception as exc:
+            log.exception("download of inode %d failed", dl.ino)
+            dl.error = str(exc)
+        finally:
+            dl.notify()
+            self._maybe_forget(dl)
+
+    async def _stream_all(self, dl: Download) -> None:
+        tried: list[str] = []
+        for src in dl.sources:
+            for _attempt in range(ATTEMPTS_PER_MIRROR):
+                start = next((i for i in range(dl.nchunks) if not dl.verified[i]), None)
+                if start is None or dl.size == 0:
+                    await self._finish(dl, src)
+                    return
+                if dl.expected is None:
+                    start = 0
+                try:
+                    await self._stream_from(dl, src, start)
+                except IntegrityError as exc:
+                    tried.append(f"{src.name}: {exc}")
+                    continue
+                except (MirrorfsError, OSError) as exc:
+                    tried.append(f"{src.name}: {exc}")
+                    log.info("download of %s from %s failed: %s", src.key, src.name, exc)
+                    break
+                if all(dl.verified):
+                    if await self._finish(dl, src):
+                        return
+                    tried.append(f"{src.name}: whole-file hash mismatch")
+                    dl.verified = bytearray(dl.nchunks)
+        missing = [i for i in range(dl.nchunks) if not dl.verified[i]]
+        for i in missing:
+            dl.failed[i] = "; ".join(tried)
+        dl.error = "; ".join(tried) or "no mirror"
+        log.error("no mirror has good bytes for %s (inode %d, chunks %s...): %s",
+                  dl.sources[0].key, dl.ino, missing[:4], dl.error)
+
+    async def _stream_from(self, dl: Download, src: Source, start: int) -> None:
+        whole_only = dl.expected is None
+        async with src.remote.open_read(src.key, start * CHUNK_SIZE) as stream:
+            buf = bytearray()
+            c = start
+            dl.front = c
+            while c < dl.nchunks:
+                need = dl.chunk_len(c)
+                while len(buf) < need:
+                    data = await stream.read()
+                    if not data:
+                        raise IntegrityError(
+                            f"{src.name} ended the object at {c * CHUNK_SIZE + len(buf)} "
+                            f"of {dl.size} bytes")
+                    buf += data
+                piece = bytes(buf[:need])
+                del buf[:need]
+                if whole_only:
+                    os.pwrite(dl.fd, piece, c * CHUNK_SIZE)
+                    dl.verified[c] = 1
+                    self.stats.bump("download_bytes", len(piece))
+                elif not dl.verified[c]:
+                    self._accept(dl, c, piece, src)
+                c += 1
+                dl.front = c
+                if not whole_only and all(dl.verified[c:]):
+                    break
+
+    async def _finish(self, dl: Download, src: Source) -> bool:
+        """Whole-file check where that is all we have, then fsync, rename, mark local."""
+        digests = whole = None
+        if dl.expected is None:
+            whole, digests = await trio.to_thread.run_sync(_hash_fd, dl.fd, dl.size)
+            if dl.whole is not None and whole != dl.whole:
+                self.stats.bump("verify_failures")
+                log.warning("%s from mirror %s does not match its whole-file xxhash",
+                            src.key, src.name)
+                return False
+            self.stats.bump("whole_hash_downloads" if dl.whole else "unverified_downloads")
+        await trio.to_thread.run_sync(os.fsync, dl.fd)
+        with self.reg.db.begin(write=True) as txn:
+            node = self.reg.get_txn(txn, dl.ino)
+            if node is None or node.ver != dl.ver or node.local == LOCAL_FULL:
+                # Deleted, changed or already local meanwhile: these bytes are not wanted.
+                os.unlink(self.store.part_path(dl.ino))
+            else:
+                os.rename(self.store.part_path(dl.ino), self.store.path(dl.ino))
+                self.reg.set_local(txn, node, LOCAL_FULL)
+                if digests is not None and whole is not None:
+                    txn.put(U64.pack(dl.ino), U64.pack(dl.ver) + digests, db=self.reg.chunks)
+                    if node.hash_ver != node.ver:
+                        node.hash = whole
+                        node.hash_ver = node.ver
+                        txn.put(U64.pack(dl.ino), node.pack(), db=self.reg.inodes)
+        dl.done = True
+        dl.notify()
+        self.on_complete(dl.ino)
+        return True
+
+
+def _hash_fd(fd: int, size: int) -> tuple[bytes, bytes]:
+    whole = xxhash.xxh3_128()
+    digests = bytearray()
+    off = 0
+    while off < size or (size == 0 and not digests):
+        piece = os.pread(fd, CHUNK_SIZE, off)
+        whole.update(piece)
+        digests += chunk_digest(piece)
+        off += len(piece)
+        if not piece:
+            break
+    return whole.digest(), bytes(digests)

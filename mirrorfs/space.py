@@ -1,0 +1,191 @@
+"""The bounds on the cache: LRU eviction of clean files, and back-pressure on dirty data.
+
+Owns the in-memory LRU order of local files and the estimate of data written but not yet
+committed. Two bounds apply:
+
+- ``cache_size`` and ``min_free`` bound what the cache holds. Clean files -- on every mirror
+  that wants them, with the current version, not open, not pinned -- are evicted least recently
+  used first, in the background and before a download or a write that needs the room. Dirty
+  files are never evicted (invariant 2): the bound is then exceeded rather than data lost, and
+  when the disk itself is full writes fail with ENOSPC.
+- ``dirty_limit`` bounds data not yet on every mirror: a writer beyond it waits for uploads
+  (back-pressure); if no mirror can make progress (all down or paused) or the wait exceeds
+  ``DIRTY_WAIT`` seconds, the write fails with ENOSPC. Nothing already written is touched.
+
+Last access is recorded in memory only (an OrderedDict move per open), never in LMDB; at
+startup the order is seeded from modification times.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import lmdb
+import trio
+
+from mirrorfs.cache.db import F_ORPHAN, F_PINNED, LOCAL_FULL, LOCAL_NONE, Inode
+from mirrorfs.errors import CacheFull
+
+if TYPE_CHECKING:
+    from mirrorfs.cache.registry import Registry
+    from mirrorfs.cache.store import Store
+    from mirrorfs.fs import OpenFile
+    from mirrorfs.stats import RuntimeStats
+
+log = logging.getLogger(__name__)
+
+DIRTY_WAIT = 60.0
+REFRESH = 0.1  # seconds a disk-free / dirty reading stays fresh on the write path
+
+
+class Space:
+    def __init__(self, reg: Registry, store: Store, stats: RuntimeStats, *, cache_size: int,
+                 min_free: int, dirty_limit: int) -> None:
+        self.reg = reg
+        self.store = store
+        self.stats = stats
+        self.cache_size = cache_size
+        self.min_free = min_free
+        self.dirty_limit = dirty_limit
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.unsynced = 0  # bytes written through handles since their last commit
+        self.is_busy: Callable[[int], bool] = lambda ino: False
+        self.can_upload: Callable[[], bool] = lambda: False
+        self.wake = trio.Event()
+        self._free = 0
+        self._dirty = 0
+        self._local = 0
+        self._read_at = 0.0
+
+    # ------------------------------------------------------------ accounting
+
+    def _refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._read_at > REFRESH:
+            self._free = shutil.disk_usage(self.store.root).free
+            self._dirty = self.reg.counter(b"dirty_bytes")
+            self._local = self.reg.counter(b"local_bytes")
+            self._read_at = now
+
+    def touch(self, ino: int) -> None:
+        self.lru[ino] = None
+        self.lru.move_to_end(ino)
+
+    def forget(self, ino: int) -> None:
+        self.lru.pop(ino, None)
+
+    def load(self) -> None:
+        """Seed the LRU from the registry (oldest modification first)."""
+        with self.reg.db.begin() as txn:
+            nodes = [Inode.unpack(v) for _k, v in txn.cursor(db=self.reg.inodes)]
+        local = sorted((n.mtime_ns, n.ino) for n in nodes
+                       if stat.S_ISREG(n.mode) and n.local == LOCAL_FULL
+                       and not n.flags & F_ORPHAN)
+        self.lru = OrderedDict((ino, None) for _t, ino in local)
+
+    # ------------------------------------------------------------ eviction
+
+    def over(self, extra: int = 0) -> bool:
+        self._refresh()
+        return (self._local + extra > self.cache_size
+                or self._free - extra < self.min_free)
+
+    def make_room(self, extra: int = 0) -> int:
+        """Evict clean files, oldest first, until ``extra`` more bytes fit. Returns bytes freed."""
+        freed = 0
+        self._refresh(force=True)
+        if not self.over(extra):
+            return 0
+        for ino in list(self.lru):
+            if not self.over(extra):
+                break
+            n = self.evict(ino)
+            if n is not None:
+                freed += n
+                self._local -= n
+                self._free += n
+        return freed
+
+    def evictable(self, txn: lmdb.Transaction, node: Inode) -> bool:
+        if (not stat.S_ISREG(node.mode) or node.local != LOCAL_FULL
+                or node.flags & (F_PINNED | F_ORPHAN) or self.is_busy(node.ino)):
+            return False
+        if not self.reg.mirrors or self.reg.is_dirty_txn(txn, node.ino):
+            return False
+        path = self.reg.path_txn(txn, node)
+        wanting = [m for m in self.reg.mirrors if m.wants(path)]
+        if not wanting:
+            return False
+        for m in wanting:
+            rc = self.reg.remote_copy(txn, m.index, node.ino)
+            if rc is None or rc.ver != node.ver or rc.path != path:
+                return False
+        return True
+
+    def evict(self, ino: int, force_pinned: bool = False) -> int | None:
+        """Drop the local copy of a clean file; None if it is not clean (or not local)."""
+        with self.reg.db.begin(write=True) as txn:
+            node = self.reg.get_txn(txn, ino)
+            if node is None or node.local != LOCAL_FULL:
+                self.lru.pop(ino, None)
+                return None
+            if force_pinned and node.flags & F_PINNED:
+                node.flags &= ~F_PINNED
+            if not self.evictable(txn, node):
+                return None
+            self.reg.set_local(txn, node, LOCAL_NONE)
+        self.store.remove(ino)
+        self.lru.pop(ino, None)
+        self.stats.bump("evictions")
+        self.stats.bump("evicted_bytes", node.size)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("evicted inode %d (%d bytes)", ino, node.size)
+        return node.size
+
+    async def run(self) -> None:
+        """Background bound keeper: wakes on uploads finishing and every second."""
+        await trio.to_thread.run_sync(self.load)
+        while True:
+            if self.over():
+                self.make_room()
+            self.wake = trio.Event()
+            with trio.move_on_after(1.0):
+                await self.wake.wait()
+
+    def kick(self) -> None:
+        self.wake.set()
+
+    # ------------------------------------------------------------ write path
+
+    async def reserve_write(self, of: OpenFile, off: int, n: int) -> None:
+        """Called before each write: cheap unless a bound is near."""
+        self._refresh()
+        if self._free - n < self.min_free:
+            self.make_room(n)
+            if self._free - n < self.min_free:
+                raise CacheFull("cache disk is full and holds no clean file to evict")
+        if self._local + n > self.cache_size:
+            self.make_room(n)
+        if self._dirty + self.unsynced + n > self.dirty_limit:
+            await self._wait_for_uploads(n)
+        self.unsynced += n
+
+    async def _wait_for_uploads(self, n: int) -> None:
+        deadline = trio.current_time() + DIRTY_WAIT
+        while self._dirty + self.unsynced + n > self.dirty_limit:
+            if not self.can_upload() or trio.current_time() > deadline:
+                raise CacheFull(f"dirty data over dirty_limit ({self.dirty_limit} bytes) and "
+                                "the mirrors are not taking uploads")
+            await trio.sleep(0.1)
+            self._refresh(force=True)
+
+    def committed(self, nbytes: int) -> None:
+        self.unsynced = max(0, self.unsynced - nbytes)
+        self._read_at = 0.0
+
