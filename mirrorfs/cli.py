@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid config, 3 alrea
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import subprocess
@@ -123,26 +124,86 @@ def _run_mount(cfg: Config, mountpoint: str, options: list[str], ready: object,
     return EXIT_OK
 
 
-def _mount_source(mountpoint: str) -> str | None:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[1] == mountpoint and parts[2].startswith("fuse"):
-                return parts[0]
-    return None
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
+    from mirrorfs.admin_cli import Progress, mirrorfs_mounts
+    from mirrorfs.control import ControlClient
+
     mountpoint = os.path.abspath(args.mountpoint)
-    if _mount_source(mountpoint) is None:
+    source = next((s for s, m in mirrorfs_mounts() if m == mountpoint), None)
+    if source is None:
         print(f"mirrorfs: {mountpoint} is not a mirrorfs mount", file=sys.stderr)
         return EXIT_FAIL
+    cfg = None
+    try:
+        cfg = load_config(source)
+        client = ControlClient(cfg.cache_dir, timeout=None)
+    except (ConfigError, OSError):
+        client = None
+    if client is not None:
+        try:
+            if args.wait:
+                progress = Progress()
+                r = client.call("drain", on_progress=progress, timeout=args.timeout)
+                progress.done()
+                if not r["drained"]:
+                    print(f"mirrorfs umount: {r['pending']} items still pending after "
+                          f"{args.timeout}s; not unmounting", file=sys.stderr)
+                    return EXIT_FAIL
+            s = client.call("stats")
+            left = s["journal_length"]
+            if left:
+                print(f"mirrorfs umount: {s['dirty_files']} files ({s['dirty_bytes']} bytes), "
+                      f"{left} jobs in all, are not on every mirror yet; they stay queued and "
+                      "upload at the next mount (use --wait to wait for them)", file=sys.stderr)
+        finally:
+            client.close()
     r = subprocess.run(["fusermount3", "-u", *(["-z"] if args.lazy else []), mountpoint])
     if r.returncode:
         return EXIT_FAIL
-    deadline = time.monotonic() + 30
-    while _mount_source(mountpoint) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # Wait for the daemon to let go of the cache directory, so a new mount can start at once.
+    if cfg is not None:
+        lock = os.path.join(cfg.cache_dir, "lock")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+            finally:
+                os.close(fd)
+    return EXIT_OK
+
+
+HELPER = """#!/bin/sh
+# mount(8) helper for `mount -t fuse.mirrorfs CONFIG MOUNTPOINT -o OPTIONS` and fstab lines
+# (written by `mirrorfs install-helper`). mount passes: SOURCE TARGET [-n] [-s] [-v] -o OPTS
+src="$1"; dst="$2"; shift 2
+opts=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -o) opts="$2"; shift 2 ;;
+        -o*) opts="${1#-o}"; shift ;;
+        *) shift ;;
+    esac
+done
+exec %(python)s -m mirrorfs.cli mount "$src" "$dst" ${opts:+-o "$opts"}
+"""
+
+
+def cmd_install_helper(args: argparse.Namespace) -> int:
+    path = os.path.join(args.dir, "mount.fuse.mirrorfs")
+    text = HELPER % {"python": sys.executable}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    print(f"installed {path}")
     return EXIT_OK
 
 
@@ -164,7 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount MOUNTPOINT cleanly")
     u.add_argument("mountpoint")
     u.add_argument("-z", "--lazy", action="store_true", help="lazy unmount")
+    u.add_argument("--wait", action="store_true",
+                   help="first wait until every mirror holds everything")
+    u.add_argument("--timeout", type=float, help="with --wait: give up after this many s")
     u.set_defaults(func=cmd_umount)
+
+    h = sub.add_parser("install-helper",
+                       help="install /sbin/mount.fuse.mirrorfs for mount -t and fstab")
+    h.add_argument("--dir", default="/sbin")
+    h.set_defaults(func=cmd_install_helper)
 
     from mirrorfs.admin_cli import add_admin_commands
 

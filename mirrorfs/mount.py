@@ -112,8 +112,10 @@ def mount_options(cfg: Config, extra: list[str]) -> set[str]:
     for o in extra:
         for part in o.split(","):
             part = part.strip()
+            if part.startswith(("x-", "comment=")):
+                continue  # meant for systemd/mount(8), not the kernel
             if part and part not in ("rw", "defaults", "_netdev", "nofail", "auto", "noauto",
-                                     "user", "nouser", "exec", "suid", "dev"):
+                                     "user", "nouser", "exec", "suid", "dev", "relatime"):
                 opts.add(part)
     return opts
 
