@@ -45,19 +45,25 @@ def recover(reg: Registry, store: Store, full_check: bool) -> dict[str, int]:
     if not full_check:
         _fix_flagged(reg, store, counts)
         return counts
-    present = {ino: path for ino, path in store.iter_inos()}
+    present: dict[int, str] = {}
+    for ino, path in store.iter_inos():
+        if path.endswith(TMP_SUFFIX):
+            os.unlink(path)  # an interrupted download: never trusted
+        else:
+            present[ino] = path
     seen: set[int] = set()
     with reg.db.begin() as txn:
         nodes = [Inode.unpack(v) for _k, v in txn.cursor(db=reg.inodes)]
     for node in nodes:
         if not stat.S_ISREG(node.mode):
             continue
+        if node.local != LOCAL_FULL and not node.flags & F_ORPHAN:
+            continue  # remote-only: a content file left by an eviction is stray
         seen.add(node.ino)
         _check_node(reg, store, node, present.get(node.ino), counts)
     for ino, path in present.items():
-        if ino not in seen or path.endswith(TMP_SUFFIX):
-            if ino not in seen:
-                counts["stray"] += 1
+        if ino not in seen:
+            counts["stray"] += 1
             os.unlink(path)
     return counts
 
