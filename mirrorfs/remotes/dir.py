@@ -21,7 +21,7 @@ import secrets
 import stat
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -402,7 +402,7 @@ class DirRemote(Remote):
         return page
 
     def _walk(self, fd: int, dir_key: str, prefix: str,
-              cursor: str | None) -> Iterator[RemoteStat]:
+              cursor: str | None) -> Generator[RemoteStat, None, None]:
         """Yield the files below ``fd`` in key order, skipping subtrees the page cannot want."""
         try:
             with os.scandir(fd) as it:
