@@ -459,15 +459,18 @@ class Operations(pyfuse3.Operations):
         return value
 
     def virtual_xattr(self, inode: int, name: bytes) -> bytes | None:
-        """``user.mirrorfs.*``: state and URLs, computed (set by the mount wiring)."""
+        """``user.mirrorfs.*``: state and URLs, computed (replaced by the mount wiring)."""
         return None
+
+    def virtual_xattr_names(self, inode: int) -> list[bytes]:
+        return []
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self.xattrs:
             raise FUSEError(errno.ENOSYS)
         self._node(inode)
-        return self.reg.listxattr(inode)
+        return self.reg.listxattr(inode) + self.virtual_xattr_names(inode)
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -7,11 +7,13 @@ control socket from the daemon's config and starts each in that nursery.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from typing import TYPE_CHECKING
 
 import trio
 
-from mirrorfs.admin import COMMANDS
+from mirrorfs.admin import COMMANDS, file_state
 from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
@@ -55,6 +57,36 @@ async def flush_stats(daemon: Daemon, stats: RuntimeStats) -> None:
                 stats.flush(txn, daemon.reg.counters)
 
 
+def install_virtual_xattrs(daemon: Daemon) -> None:
+    """``user.mirrorfs.state`` and ``user.mirrorfs.url.<mirror>`` on every regular file."""
+    reg, ops = daemon.reg, daemon.ops
+
+    def names(inode: int) -> list[bytes]:
+        node = reg.get(inode)
+        if node is None or not stat.S_ISREG(node.mode):
+            return []
+        out = [b"user.mirrorfs.state"]
+        out += [b"user.mirrorfs.url." + name.encode() for name, r in daemon.remotes.items()
+                if r.url("x")]
+        return out
+
+    def value(inode: int, name: bytes) -> bytes | None:
+        node = reg.get(inode)
+        if node is None or not stat.S_ISREG(node.mode):
+            return None
+        if name == b"user.mirrorfs.state":
+            return file_state(daemon, node)["state"].encode()
+        prefix = b"user.mirrorfs.url."
+        if name.startswith(prefix):
+            remote = daemon.remotes.get(name[len(prefix):].decode(errors="replace"))
+            url = remote.url(os.fsdecode(reg.path_of(inode))) if remote else None
+            return url.encode() if url else None
+        return None
+
+    ops.virtual_xattr = value  # type: ignore[method-assign]
+    ops.virtual_xattr_names = names  # type: ignore[method-assign]
+
+
 async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
     cfg, reg, store, ops = daemon.cfg, daemon.reg, daemon.store, daemon.ops
     remotes = open_remotes(cfg)
@@ -79,6 +111,7 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
     space.can_upload = lambda: any(m.up and not m.paused for m in uploader.mirrors.values())
     uploader.on_done = lambda ino: space.kick()
     fetcher.on_complete = space.touch
+    install_virtual_xattrs(daemon)
     nursery.start_soon(space.run, name="space")
     await nursery.start(serve_control, daemon, COMMANDS)
     nursery.start_soon(flush_stats, daemon, stats, name="stats")
