@@ -224,6 +224,11 @@ class Uploader:
             return PROBE_INTERVAL
         log.info("mirror %s is reachable again; resuming its queue", m.rule.name)
         m.up = True
+        # Jobs that backed off while the mirror was away should not wait out their backoff.
+        now = self.clock()
+        with self.reg.db.begin(write=True) as txn:
+            for ino, _job in list(self.reg.journal.iter_jobs(txn, m.rule.index)):
+                self.reg.journal.expedite(txn, m.rule.index, ino, now)
         return 0.0
 
     async def _run(self, m: MirrorState, ino: int, seq: int) -> None:

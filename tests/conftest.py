@@ -62,3 +62,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
 def pytest_configure(config: pytest.Config) -> None:
     if os.geteuid() != 0:
         raise pytest.UsageError("the mount tests need root (FUSE allow_other, a second user)")
+
+
+# ------------------------------------------------------------------ loopback servers
+
+_bucket_seq = [0]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[Any]:
+    from tests.servers import MotoS3
+
+    with MotoS3(bucket="mirrorfs-base") as s3:
+        yield s3
+
+
+@pytest.fixture
+def s3(moto_server: Any) -> Any:
+    """The session's moto server with a fresh bucket for this test (``s3.bucket``)."""
+    _bucket_seq[0] += 1
+    moto_server.bucket = f"mirror-{os.getpid()}-{_bucket_seq[0]}"
+    moto_server.create_bucket(moto_server.bucket)
+    return moto_server
+
+
+@pytest.fixture
+def ftp(tmp_path: Path) -> Iterator[Any]:
+    from tests.servers import PyFtpd
+
+    with PyFtpd(tmp_path / "ftp-root") as server:
+        yield server

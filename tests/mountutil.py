@@ -77,7 +77,7 @@ class Mount:
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         if self.env:
             env.update(self.env)
-        logf = open(self.log, "ab")  # noqa: SIM115 - the child owns it
+        logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env,
                                      start_new_session=True)
         logf.close()

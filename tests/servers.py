@@ -109,6 +109,29 @@ class MotoS3(_Server):
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
+    def start_recording(self) -> None:
+        """moto's request recorder (its documented /moto-api/recorder endpoints)."""
+        import urllib.request
+
+        for what in ("reset-recording", "start-recording"):
+            urllib.request.urlopen(urllib.request.Request(
+                f"{self.endpoint_url}/moto-api/recorder/{what}", method="POST")).read()
+
+    def recorded(self) -> list[tuple[str, str]]:
+        """(method, path) of every request since start_recording()."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        text = urllib.request.urlopen(
+            f"{self.endpoint_url}/moto-api/recorder/download-recording").read().decode()
+        out = []
+        for line in text.splitlines():
+            if line.strip():
+                e = json.loads(line)
+                out.append((e["method"], urllib.parse.urlparse(e["url"]).path))
+        return out
+
     def create_bucket(self, bucket: str) -> None:
         client = self.client()
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
@@ -139,6 +162,8 @@ class PyFtpd(_Server):
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: every command line the server received, for tests that count or inspect them
+        self.commands: list[str] = []
 
     def start(self) -> None:
         from pyftpdlib.authorizers import DummyAuthorizer
@@ -155,7 +180,14 @@ class PyFtpd(_Server):
         self.root.mkdir(parents=True, exist_ok=True)
         authorizer = DummyAuthorizer()
         authorizer.add_user(self.user, self.password, str(self.root), perm=FTP_PERMS)
-        handler = type("Handler", (FTPHandler,), {"authorizer": authorizer})
+        commands = self.commands
+
+        def pre_process_command(h: Any, line: str, cmd: str, arg: str) -> None:
+            commands.append(line)
+            FTPHandler.pre_process_command(h, line, cmd, arg)
+
+        handler = type("Handler", (FTPHandler,), {"authorizer": authorizer,
+                                                  "pre_process_command": pre_process_command})
         # A private IOLoop: the default is a process-wide singleton that close_all() would
         # close under any other pyftpdlib server of this process.
         self._server = FTPServer((HOST, self.port), handler, ioloop=IOLoop())
@@ -231,7 +263,6 @@ class Vsftpd(_Server):
             "anon_mkdir_write_enable=YES",
             "anon_other_write_enable=YES",
             "anon_umask=022",
-            "force_dot_files=YES",
             "pasv_enable=YES",
             f"pasv_address={HOST}",
             "connect_from_port_20=NO",
