@@ -292,8 +292,9 @@ class Operations(pyfuse3.Operations):
             self.space.touch(inode)
         if self.stats is not None:
             self.stats.bump("hits")
-        if flags & os.O_TRUNC and writing and node.size:
-            # The kernel asks for atomic O_TRUNC (libfuse's default): truncate here.
+        if flags & os.O_TRUNC and writing and (node.size or os.fstat(of.fd).st_size):
+            # The kernel asks for atomic O_TRUNC (libfuse's default): truncate here. The
+            # content file may hold written-back data not yet committed (registry size 0).
             os.ftruncate(of.fd, 0)
             self.on_commit(self.reg.setattr(inode, size=0))
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
