@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -92,6 +93,9 @@ class Operations(pyfuse3.Operations):
         self.space = space
         self.stats = stats
         self.open_files: dict[int, OpenFile] = {}
+        # directory handle -> (inode, listing taken at offset 0)
+        self.open_dirs: dict[int, tuple[int, list[tuple[bytes, int]]]] = {}
+        self._dir_fhs = itertools.count(1)
         self.fsync_limiter = trio.CapacityLimiter(4)
         registry.is_open = self.is_open
         self.on_commit: Callable[[Inode], None] = lambda node: None
@@ -386,24 +390,34 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not stat.S_ISDIR(node.mode):
             raise FUSEError(errno.ENOTDIR)
-        return inode
+        fh = next(self._dir_fhs)
+        self.open_dirs[fh] = (inode, [])
+        return fh
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # Entries are in name order; start_id is "how many already returned". A rename during
-        # a listing may shift one entry, as on other filesystems keyed by name.
-        entries = self.reg.list_dir(fh)
+        # start_id is "how many entries of the listing were returned". The listing is taken
+        # at the start (offset 0: opendir or rewinddir) and kept with the handle, so removing
+        # entries while reading (rm -r) does not shift the rest: every entry present
+        # throughout is returned exactly once, as POSIX asks.
+        d = self.open_dirs.get(fh)
+        if d is None:
+            raise FUSEError(errno.EBADF)
+        inode, entries = d
+        if start_id == 0:
+            entries = self.reg.list_dir(inode)
+            self.open_dirs[fh] = (inode, entries)
         for i in range(start_id, len(entries)):
-            name, ino = entries[i]
-            node = self.reg.get(ino)
+            name, _ino = entries[i]
+            node = self.reg.lookup(inode, name)
             if node is None:
-                continue
+                continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
                 break
 
     @handler
     async def releasedir(self, fh: int) -> None:
-        return None
+        self.open_dirs.pop(fh, None)
 
     @handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
