@@ -278,7 +278,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         writing = flags & (os.O_WRONLY | os.O_RDWR) != 0
-        if writing:
+        if writing or flags & os.O_TRUNC:
             self._check_writable()
         node = self._node(inode)
         if stat.S_ISDIR(node.mode):
@@ -296,9 +296,10 @@ class Operations(pyfuse3.Operations):
             self.space.touch(inode)
         if self.stats is not None:
             self.stats.bump("hits")
-        if flags & os.O_TRUNC and writing and (node.size or os.fstat(of.fd).st_size):
-            # The kernel asks for atomic O_TRUNC (libfuse's default): truncate here. The
-            # content file may hold written-back data not yet committed (registry size 0).
+        if flags & os.O_TRUNC and (node.size or os.fstat(of.fd).st_size):
+            # The kernel asks for atomic O_TRUNC (libfuse's default): truncate here, also for
+            # O_RDONLY (Linux truncates then too). The content file may hold written-back
+            # data not yet committed (registry size 0).
             os.ftruncate(of.fd, 0)
             self.on_commit(self.reg.setattr(inode, size=0))
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
