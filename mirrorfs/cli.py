@@ -34,6 +34,11 @@ def setup_logging(level: str, log_file: str | None = None) -> None:
     root.setLevel(level)
 
 
+def _logs_to_stderr() -> bool:
+    return any(type(h) is logging.StreamHandler and h.stream is sys.stderr
+               for h in logging.getLogger().handlers)
+
+
 def _load(path: str) -> Config:
     try:
         return load_config(path)
@@ -105,14 +110,18 @@ def _run_mount(cfg: Config, mountpoint: str, options: list[str], ready: object,
     from mirrorfs.mount import AlreadyMounted, serve
 
     def fail(code: int, msg: str) -> int:
-        print(msg, file=sys.stderr)
-        log.error("%s", msg)
+        # Shown once: by the waiting parent when daemonizing, else here; logged as well
+        # only when the log is not that same stderr.
         if report_fd is not None:
             try:
                 os.write(report_fd, f"{code} {msg}".encode())
                 os.close(report_fd)
             except OSError:
                 pass
+        else:
+            print(msg, file=sys.stderr)
+        if not _logs_to_stderr():
+            log.error("%s", msg)
         return code
 
     try:
