@@ -65,6 +65,15 @@ class MirrorRule:
         return not any(fnmatch.fnmatchcase(p, pat) for pat in self.exclude)
 
 
+CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux; named in 3.13
+
+
+def now_ns() -> int:
+    """File times come from the clock the kernel stamps writes with (``current_time()`` is the
+    coarse clock): with the precise clock, a write just after a create got an older mtime."""
+    return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+
+
 def dentry_key(parent: int, name: bytes) -> bytes:
     return U64.pack(parent) + name
 
@@ -95,7 +104,7 @@ class Registry:
     def _ensure_root(self) -> None:
         with self.db.begin(write=True) as txn:
             if txn.get(U64.pack(ROOT_INO), db=self.inodes) is None:
-                now = time.time_ns()
+                now = now_ns()
                 root = Inode(ROOT_INO, ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, 0, now, now, now)
                 txn.put(U64.pack(ROOT_INO), root.pack(), db=self.inodes)
                 bump_counter(txn, self.counters, b"dirs", 1)
@@ -266,7 +275,7 @@ class Registry:
                rdev: int = 0, target: bytes = b"") -> Inode:
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        now = time.time_ns()
+        now = now_ns()
         with self.db.begin(write=True) as txn:
             d = self._dir_for_change(txn, parent)
             if txn.get(dentry_key(parent, name), db=self.dentries) is not None:
@@ -298,7 +307,7 @@ class Registry:
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
-        now = time.time_ns()
+        now = now_ns()
         with self.db.begin(write=True) as txn:
             node = self._must(txn, ino)
             old_size = node.size
@@ -356,7 +365,7 @@ class Registry:
             node.flags &= ~F_OPEN_WRITE
             # With the kernel's writeback cache the kernel owns mtime and has already sent it
             # in a setattr before this flush: mtime_ns=None keeps that value.
-            node.ctime_ns = time.time_ns()
+            node.ctime_ns = now_ns()
             if mtime_ns is not None:
                 node.mtime_ns = mtime_ns
             self._account_size(txn, node, old_size)
@@ -421,7 +430,7 @@ class Registry:
 
     def unlink(self, parent: int, name: bytes, want_dir: bool) -> tuple[Inode, bool]:
         """unlink(2)/rmdir(2). Returns the inode and whether its content file may go now."""
-        now = time.time_ns()
+        now = now_ns()
         with self.db.begin(write=True) as txn:
             d = self._dir_for_change(txn, parent)
             node = self.lookup_txn(txn, parent, name)
@@ -456,7 +465,7 @@ class Registry:
             raise FsError(errno.EINVAL)
         if len(n_new) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        now = time.time_ns()
+        now = now_ns()
         with self.db.begin(write=True) as txn:
             d_old = self._dir_for_change(txn, p_old)
             d_new = d_old if p_new == p_old else self._dir_for_change(txn, p_new)
@@ -532,7 +541,7 @@ class Registry:
         with self.db.begin(write=True) as txn:
             node = self._must(txn, ino)
             txn.put(U64.pack(ino) + name, value, db=self.xattrs)
-            node.ctime_ns = time.time_ns()
+            node.ctime_ns = now_ns()
             self._put(txn, node)
 
     def removexattr(self, ino: int, name: bytes) -> None:
@@ -540,7 +549,7 @@ class Registry:
             node = self._must(txn, ino)
             if not txn.delete(U64.pack(ino) + name, db=self.xattrs):
                 raise FsError(errno.ENODATA)
-            node.ctime_ns = time.time_ns()
+            node.ctime_ns = now_ns()
             self._put(txn, node)
 
     # ----------------------------------------------------------------- mirrors
