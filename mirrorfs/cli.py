@@ -137,7 +137,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from mirrorfs.admin_cli import Progress, mirrorfs_mounts
     from mirrorfs.control import ControlClient
 
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = os.path.realpath(args.mountpoint)  # the kernel lists the resolved path
     source = next((s for s, m in mirrorfs_mounts() if m == mountpoint), None)
     if source is None:
         print(f"mirrorfs: {mountpoint} is not a mirrorfs mount", file=sys.stderr)
