@@ -90,13 +90,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
         os.close(wfd)
         reported = True
 
+    failure = ""
     try:
         code = _run_mount(cfg, mountpoint, args.options, ready, report_fd=wfd)
-    except BaseException:
+    except BaseException as exc:
         code = EXIT_FAIL
+        failure = f"mirrorfs: {exc}"
+        log.exception("mirrorfs failed")
     if not reported:
         try:
-            os.write(wfd, f"{code} ".encode())
+            os.write(wfd, f"{code} {failure}".encode())
             os.close(wfd)
         except OSError:
             pass
