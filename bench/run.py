@@ -481,10 +481,12 @@ class Mirrorfs(System):
         self.cache = fs / "mirrorfs-cache"
         self.root = WORK / "mnt-mirrorfs"
         self.log = WORK / "logs" / "mirrorfs.log"
+        self.log.unlink(missing_ok=True)  # one run, one log
         self.bucket = Bucket(moto, "mirrorfs-bench")
         self.endpoint = moto.endpoint
         self.mount: Any = None
         self.mirror_note = ""
+        self.evict_output = ""
 
     def start(self) -> None:
         sys.path.insert(0, str(REPO))
@@ -533,10 +535,16 @@ class Mirrorfs(System):
     def make_remote_only(self, rel: str) -> None:
         if not self.evict_available():
             raise NotAvailable("not available: no `mirrorfs evict` yet")
-        r = subprocess.run([PY, "-m", "mirrorfs.cli", "evict", str(self.root / rel)], cwd=REPO,
-                           capture_output=True, text=True, check=False)
+        before = du(self.cache)
+        r = subprocess.run([PY, "-m", "mirrorfs.cli", "evict", "--json", str(self.root / rel)],
+                           cwd=REPO, capture_output=True, text=True, check=False)
         if r.returncode:
-            raise RuntimeError(f"mirrorfs evict failed: {r.stderr.strip()[-300:]}")
+            raise RuntimeError(f"mirrorfs evict failed: {(r.stderr or r.stdout).strip()[-300:]}")
+        self.evict_output = r.stdout.strip()
+        freed = before - du(self.cache)
+        log(f"mirrorfs evict freed {freed / MiB:.0f} MiB: {self.evict_output[:200]}")
+        if freed < (self.root / rel).stat().st_size // 2:
+            raise RuntimeError(f"mirrorfs evict freed only {freed} bytes of the cache dir")
 
     def warnings(self) -> list[str]:
         if not self.log.exists():
@@ -553,6 +561,7 @@ class Rclone(System):
         self.cache = fs / "rclone-cache"
         self.root = WORK / "mnt-rclone"
         self.log = WORK / "logs" / "rclone.log"
+        self.log.unlink(missing_ok=True)
         self.conf = WORK / "rclone.conf"
         self.bucket = Bucket(moto, "rclone-bench")
         self.endpoint = moto.endpoint
@@ -745,6 +754,12 @@ def fio_mbps(job: dict[str, Any], ddir: str) -> float:
     return float(job[ddir]["io_bytes"]) / (job["job_runtime"] / 1000.0) / 1e6
 
 
+def du(path: Path) -> int:
+    """Bytes allocated under ``path``."""
+    out = run_out(["du", "-s", "-B1", str(path)])
+    return int(out.split()[0]) if out else 0
+
+
 def rm_tree(path: Path) -> None:
     subprocess.run(["rm", "-rf", str(path)], check=False, timeout=900)
 
@@ -760,6 +775,8 @@ class Ctx:
     moto: Moto
     systems: dict[str, System]
     settle_timeout: float = 600.0
+    profile: bool = False
+    profiles: list[Path] = field(default_factory=list)
     uploaded: dict[str, bool] = field(default_factory=dict)  # big file in the bucket, by system
 
 
@@ -962,11 +979,65 @@ def applies(w: Workload, s: System) -> bool:
     return w.local or (w.remote and s.remote)
 
 
+@contextlib.contextmanager
+def profiled(ctx: Ctx, s: System, name: str) -> Iterator[None]:
+    """With --profile: py-spy samples the mirrorfs daemon for the length of the step."""
+    if not ctx.profile or not isinstance(s, Mirrorfs) or not s.daemon_pid:
+        yield
+        return
+    pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    out = WORK / "profiles" / f"{name}.txt"
+    out.parent.mkdir(exist_ok=True)
+    proc = subprocess.Popen([pyspy, "record", "--pid", str(s.daemon_pid), "--format", "raw",
+                             "--rate", "250", "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        ctx.profiles.append(out)
+
+
+def profile_summary(path: Path, top: int = 12) -> list[str]:
+    """Leaf functions and mirrorfs/pyfuse3 frames by share of samples, from py-spy's raw output
+    (collapsed stacks: ``frame;frame;... count``)."""
+    if not path.exists():
+        return [f"{path.name}: no samples"]
+    leaf: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = stack.split(";")
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + count
+        for f in set(frames):
+            if "mirrorfs/" in f or "pyfuse3" in f:
+                incl[f] = incl.get(f, 0) + count
+    if not total:
+        return [f"{path.name}: no samples"]
+    out = [f"{path.stem}: {total} samples"]
+    out += [f"  leaf {100 * c / total:5.1f}%  {f}" for f, c in
+            sorted(leaf.items(), key=lambda x: -x[1])[:top]]
+    out += [f"  incl {100 * c / total:5.1f}%  {f}" for f, c in
+            sorted(incl.items(), key=lambda x: -x[1])[:top]]
+    return out
+
+
 def run_step(ctx: Ctx, w: Workload, s: System, rep: int) -> None:
     t0 = time.monotonic()
     try:
         s.alive()
-        w.fn(ctx, s, rep)
+        with profiled(ctx, s, f"{w.name}-r{rep + 1}"):
+            w.fn(ctx, s, rep)
         status = "ok"
     except NotAvailable as exc:
         ctx.results.fail(w.keys, s.name, rep, str(exc))
@@ -1058,6 +1129,9 @@ def goal_lines(res: Results, ms: list[Metric]) -> list[str]:
             else:
                 verdict = "met" if r >= g.threshold else "not met"
                 out.append(f"- {m.title}: {g.label}: **{verdict}** ({r:.2f}x)")
+    if not any(res.cells(m.key, "rclone") for m in ms):
+        out.append("- mirrorfs >= rclone everywhere: **not compared** (rclone not run)")
+        return out
     worse, better, none = [], [], []
     for m in ms:
         r, _ = ratio(res, m, "mirrorfs", "rclone")
@@ -1075,7 +1149,8 @@ def goal_lines(res: Results, ms: list[Metric]) -> list[str]:
 
 
 def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: argparse.Namespace,
-                 notes: list[str], systems: list[str], elapsed: float) -> Path:
+                 notes: list[str], systems: list[str], elapsed: float,
+                 profiles: list[str]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "")
     cols = [s for s in SYSTEMS if s in systems]
@@ -1107,6 +1182,8 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
     lines += ["", "## Scaling", "",
               "Not measured yet (create rate and stat latency with 1k..1M registered files, "
               "daemon RSS): see `scaling_hook` in bench/run.py.", ""]
+    if profiles:
+        lines += ["## Profiles of the mirrorfs daemon (py-spy)", "", "```", *profiles, "```", ""]
     png = plot(res, ms, RESULTS / f"{stamp}-ratios.png")
     if png:
         lines += ["## Ratios", "", f"![ratios]({png.name})", ""]
@@ -1145,9 +1222,12 @@ def plot(res: Results, ms: list[Metric], path: Path) -> Path | None:
             label="mirrorfs / reference (disk or boto3)", color="#4c72b0")
     ax.barh([y + h / 2 for y in ys], [r2 or 0 for _, _, r2 in rows], h,
             label="mirrorfs / rclone", color="#dd8452")
-    for y, (m, _, _) in zip(ys, rows, strict=True):
+    for y, (m, r1, r2) in zip(ys, rows, strict=True):
         for g in m.goals:
             ax.plot([g.threshold] * 2, [y - h, y], color="black", lw=1)
+        for dy, r in ((-h / 2, r1), (h / 2, r2)):
+            if r:
+                ax.text(r, y + dy, f" {r:.2f}x", va="center", fontsize=7)
     ax.axvline(1.0, color="gray", ls="--", lw=1)
     ax.set_xscale("log")
     ax.set_yticks(ys)
@@ -1174,6 +1254,9 @@ def parse_args() -> argparse.Namespace:
                         "reference, runs whenever mirrorfs or rclone does)")
     p.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
                    help="comma-separated subset of " + ",".join(w.name for w in WORKLOADS))
+    p.add_argument("--profile", action="store_true",
+                   help="sample the mirrorfs daemon with py-spy during its steps (perturbs the "
+                        "figures; summaries go to the report)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     a = p.parse_args()
     a.sizes = QUICK if a.quick else FULL
@@ -1248,7 +1331,10 @@ def main() -> int:
                          f"{ATTR_TIMEOUT:g}s --transfers {CONCURRENCY}`, s3 provider Other, "
                          "no_head = true; its remote-only file: rclone restarted on an "
                          "emptied cache dir.")
-        ctx = Ctx(args.sizes, res, moto, systems)
+        ctx = Ctx(args.sizes, res, moto, systems, profile=args.profile)
+        if args.profile:
+            notes.insert(0, "**Profiled run** (py-spy sampling the mirrorfs daemon at 250 Hz): "
+                            "mirrorfs figures are perturbed.")
         order = [systems[n] for n in SYSTEMS if n in systems]
         try:
             for rep in range(args.reps):
@@ -1282,7 +1368,8 @@ def main() -> int:
                      "any upload delay the system applies.")
         info["load average at end"] = " ".join(open("/proc/loadavg").read().split()[:3])
     elapsed = time.monotonic() - t_start
-    out = write_report(res, ms, info, args, notes, list(systems), elapsed)
+    profiles = [line for p in ctx.profiles for line in profile_summary(p)]
+    out = write_report(res, ms, info, args, notes, list(systems), elapsed, profiles)
     log(f"report: {out}")
     print((RESULTS / "latest.md").read_text())
     return 130 if interrupted else 0
