@@ -48,6 +48,7 @@ def _load(path: str) -> Config:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level or "INFO")  # config warnings go through logging too
     cfg = _load(args.config)
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from tests.mountutil import Mount, write_config
 
 MountFactory = Callable[..., Mount]
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request lines
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ def write_config(path: Path, top: dict[str, Any], mirrors: dict[str, dict[str, A
         lines.append(f"\n[mirrors.{name}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in opts.items()]
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # it may hold credentials
     return path
 
 

@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio
 
-from mirrorfs.errors import PermanentRemoteError, RemoteError
+from mirrorfs.errors import PermanentRemoteError, RemoteError, RemoteUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ def retry(
     """Retry a remote coroutine on RemoteError with exponential backoff and full jitter.
 
     The log level rises with the attempt number so that one blip stays quiet and a mirror
-    that keeps failing is visible. Permanent errors and NotFound pass straight through.
+    that keeps failing is visible. Permanent errors, NotFound and RemoteUnavailable pass
+    straight through.
     """
 
     def deco(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -191,7 +192,9 @@ def retry(
             for attempt in range(1, attempts + 1):
                 try:
                     return await fn(*args, **kwargs)
-                except PermanentRemoteError:
+                except (PermanentRemoteError, RemoteUnavailable):
+                    # Unavailable goes straight up: the uploader marks the mirror down and
+                    # probes it, the reader tries the next mirror. Retrying here only hides it.
                     raise
                 except RemoteError as exc:
                     if attempt == attempts:
