@@ -363,11 +363,12 @@ class Registry:
             node.size = size
             node.ver += 1
             node.flags &= ~F_OPEN_WRITE
-            # With the kernel's writeback cache the kernel owns mtime and has already sent it
-            # in a setattr before this flush: mtime_ns=None keeps that value.
-            node.ctime_ns = now_ns()
+            # With the kernel's writeback cache the kernel owns mtime and ctime and has already
+            # sent them in a setattr before this flush: mtime_ns=None keeps those values (a
+            # new ctime here would show up as a change after the kernel forgets the inode).
             if mtime_ns is not None:
                 node.mtime_ns = mtime_ns
+                node.ctime_ns = now_ns()
             self._account_size(txn, node, old_size)
             self._put(txn, node)
             self._journal(txn, node, None if node.flags & F_ORPHAN
