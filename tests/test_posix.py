@@ -1062,10 +1062,22 @@ def test_timestamps(mnt: Mount) -> None:
     os.rename(m / "g", m / "h")  # rename changes the file's ctime, not its mtime
     h = os.stat(m / "h")
     assert h.st_mtime_ns == g1.st_mtime_ns and h.st_ctime_ns >= g1.st_ctime_ns
-    # the daemon kept the same times the kernel showed
+    # a file written, closed a little later, then left alone
+    fd = os.open(m / "w", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"written")
+        _tick()
+    finally:
+        os.close(fd)
+    w = os.stat(m / "w")
+    # the daemon kept the same times the kernel showed: nothing changed, so neither did they
     remount(mnt)
     assert os.stat(d).st_mtime_ns == d2.st_mtime_ns
     assert os.stat(m / "h").st_mtime_ns == h.st_mtime_ns
+    for name, before in (("w", w), ("h", h)):
+        after = os.stat(m / name)
+        assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns,
+                                                          before.st_ctime_ns), name
 
 
 def test_times_never_go_backwards(mnt: Mount) -> None:
