@@ -6,6 +6,8 @@ counters -- all or nothing. Nothing here awaits; callers in the trio thread call
 
 Hard links are not supported (EPERM): objects on the mirrors are keyed by path, and one inode
 has exactly one (parent, name). Symlinks live in the registry only; mirrors do not get them.
+renameat2's RENAME_NOREPLACE is supported; RENAME_EXCHANGE is not (EINVAL, as on filesystems
+without it): swapping two paths would need two mirror renames through a temporary name.
 """
 
 from __future__ import annotations
