@@ -147,7 +147,7 @@ def as_user(user: pwd.struct_passwd, cwd: Path, fn: Callable[..., Any], *args: A
     return value
 
 
-def write_file(path: str | Path, data: bytes, mode: int = 0o666) -> None:
+def write_file(path: str | bytes | Path, data: bytes, mode: int = 0o666) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
