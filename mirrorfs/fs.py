@@ -317,6 +317,8 @@ class Operations(pyfuse3.Operations):
             self.reg.unlink(parent_inode, name, want_dir=False)
             raise
         of.writers += 1
+        if self.space is not None:
+            self.space.touch(node.ino)
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._attrs(node)
 
     @handler

@@ -55,6 +55,7 @@ class Space:
         self.dirty_limit = dirty_limit
         self.lru: OrderedDict[int, None] = OrderedDict()
         self.unsynced = 0  # bytes written through handles since their last commit
+        self.downloading = 0  # bytes of downloads in progress (not yet in local_bytes)
         self.is_busy: Callable[[int], bool] = lambda ino: False
         self.can_upload: Callable[[], bool] = lambda: False
         self.wake = trio.Event()
@@ -93,7 +94,7 @@ class Space:
 
     def over(self, extra: int = 0) -> bool:
         self._refresh()
-        return (self._local + extra > self.cache_size
+        return (self._local + self.downloading + extra > self.cache_size
                 or self._free - extra < self.min_free)
 
     def make_room(self, extra: int = 0) -> int:

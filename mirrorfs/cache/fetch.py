@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,7 +78,11 @@ class Download:
     front: int = 0  # chunk the streaming GET is working on
     ranged: set[int] = field(default_factory=set)
     handles: int = 0
-    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    scopes: list[trio.CancelScope] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        for scope in self.scopes:
+            scope.cancel()
 
     @property
     def nchunks(self) -> int:
@@ -219,6 +223,7 @@ class Fetcher:
             whole = sources[0].copy.hash
         if self.space is not None:
             self.space.make_room(node.size)
+            self.space.downloading += node.size
         fd = os.open(self.store.part_path(node.ino),
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         os.ftruncate(fd, node.size)
@@ -229,7 +234,7 @@ class Fetcher:
         self.downloads[node.ino] = dl
         self.stats.bump("misses")
         self.stats.bump("downloads")
-        self.nursery.start_soon(self._run_front, dl)
+        self._spawn(dl, self._run_front)
         return dl
 
     def _maybe_ranged(self, dl: Download, off: int) -> None:
@@ -237,30 +242,48 @@ class Fetcher:
         if (dl.expected is not None and c - dl.front >= AHEAD_CHUNKS and c not in dl.ranged
                 and not dl.verified[c]):
             dl.ranged.add(c)
-            self.nursery.start_soon(self._run_ranged, dl, c)
+            self._spawn(dl, self._run_ranged, c)
+
+    def _spawn(self, dl: Download, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run a download task in the mount's nursery; it never takes the mount down."""
+
+        async def guarded() -> None:
+            scope = trio.CancelScope()
+            dl.scopes.append(scope)
+            try:
+                with scope:
+                    await fn(dl, *args)
+            except Exception as exc:
+                log.exception("download of inode %d failed", dl.ino)
+                if fn == self._run_front:
+                    dl.error = str(exc) or type(exc).__name__
+            finally:
+                dl.scopes.remove(scope)
+                dl.notify()
+
+        self.nursery.start_soon(guarded)
 
     async def _run_ranged(self, dl: Download, c: int) -> None:
-        with dl.cancel:
-            for src in dl.sources:
-                for _ in range(ATTEMPTS_PER_MIRROR):
-                    try:
-                        async with src.remote.open_read(src.key, c * CHUNK_SIZE,
-                                                        dl.chunk_len(c)) as stream:
-                            buf = bytearray()
-                            while len(buf) < dl.chunk_len(c):
-                                data = await stream.read()
-                                if not data:
-                                    break
-                                buf += data
-                        if dl.verified[c]:
-                            return
-                        self._accept(dl, c, bytes(buf[:dl.chunk_len(c)]), src)
+        for src in dl.sources:
+            for _ in range(ATTEMPTS_PER_MIRROR):
+                try:
+                    async with src.remote.open_read(src.key, c * CHUNK_SIZE,
+                                                    dl.chunk_len(c)) as stream:
+                        buf = bytearray()
+                        while len(buf) < dl.chunk_len(c):
+                            data = await stream.read()
+                            if not data:
+                                break
+                            buf += data
+                    if dl.verified[c]:
                         return
-                    except IntegrityError:
-                        continue
-                    except (MirrorfsError, OSError) as exc:
-                        log.info("ranged read of %s from %s failed: %s", src.key, src.name, exc)
-                        break
+                    self._accept(dl, c, bytes(buf[:dl.chunk_len(c)]), src)
+                    return
+                except IntegrityError:
+                    continue
+                except (MirrorfsError, OSError) as exc:
+                    log.info("ranged read of %s from %s failed: %s", src.key, src.name, exc)
+                    break
         dl.ranged.discard(c)  # the stream will get there
 
     def _accept(self, dl: Download, c: int, piece: bytes, src: Source) -> None:
@@ -279,13 +302,10 @@ class Fetcher:
 
     async def _run_front(self, dl: Download) -> None:
         try:
-            with dl.cancel:
-                await self._stream_all(dl)
-        except Exception as exc:
-            log.exception("download of inode %d failed", dl.ino)
-            dl.error = str(exc)
+            await self._stream_all(dl)
         finally:
-            dl.notify()
+            if self.space is not None:
+                self.space.downloading -= dl.size
             self._maybe_forget(dl)
 
     async def _stream_all(self, dl: Download) -> None:
