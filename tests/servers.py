@@ -186,8 +186,10 @@ class PyFtpd(_Server):
             commands.append(line)
             FTPHandler.pre_process_command(h, line, cmd, arg)
 
+        # auth_failed_timeout: no 3 s pause after a failed login (tests try wrong passwords)
         handler = type("Handler", (FTPHandler,), {"authorizer": authorizer,
-                                                  "pre_process_command": pre_process_command})
+                                                  "pre_process_command": pre_process_command,
+                                                  "auth_failed_timeout": 0})
         # A private IOLoop: the default is a process-wide singleton that close_all() would
         # close under any other pyftpdlib server of this process.
         self._server = FTPServer((HOST, self.port), handler, ioloop=IOLoop())
@@ -224,19 +226,38 @@ class Vsftpd(_Server):
     Anonymous mode needs no system account or PAM; vsftpd chroots into ``workdir/root`` (which
     must not be writable by the FTP user) and the writable mirror base is ``/pub`` inside it,
     which is ``self.root`` on disk. Needs root, like any vsftpd that chroots.
+
+    With ``tls=True`` it demands explicit FTPS (AUTH TLS, protected data connections, TLS
+    session reuse) with a self-signed certificate for 127.0.0.1 made by the openssl tool;
+    ``self.cafile`` is that certificate, to pass as ``ca_bundle``.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], ftp_user: str = "ftp") -> None:
+    def __init__(self, workdir: str | os.PathLike[str], ftp_user: str = "ftp",
+                 tls: bool = False) -> None:
         self.workdir = Path(workdir)
         self.ftp_user = ftp_user
+        self.tls = tls
+        self.cafile = self.workdir / "cert.pem"
         self.chroot = self.workdir / "root"
         self.root = self.chroot / "pub"
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
-    def available() -> bool:
-        return os.path.exists(VSFTPD) and os.geteuid() == 0
+    def available(tls: bool = False) -> bool:
+        return (os.path.exists(VSFTPD) and os.geteuid() == 0
+                and (not tls or shutil.which("openssl") is not None))
+
+    def _make_cert(self) -> list[str]:
+        key = self.workdir / "key.pem"
+        if not self.cafile.exists():
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", str(key), "-out", str(self.cafile), "-days", "2",
+                            "-subj", f"/CN={HOST}", "-addext", f"subjectAltName=IP:{HOST}"],
+                           check=True, capture_output=True)
+        return ["ssl_enable=YES", "allow_anon_ssl=YES", "force_anon_logins_ssl=YES",
+                "force_anon_data_ssl=YES", "require_ssl_reuse=YES",
+                f"rsa_cert_file={self.cafile}", f"rsa_private_key_file={key}"]
 
     def _write_config(self) -> Path:
         empty = self.workdir / "empty"
@@ -277,6 +298,7 @@ class Vsftpd(_Server):
             "max_per_ip=0",
             "idle_session_timeout=600",
             f"vsftpd_log_file={self.workdir / 'vsftpd.log'}",
+            *(self._make_cert() if self.tls else []),
             "",
         ]))
         return conf
@@ -312,6 +334,8 @@ class Vsftpd(_Server):
     def options(self, **extra: Any) -> dict[str, Any]:
         opts: dict[str, Any] = {"host": HOST, "port": self.port, "user": "anonymous",
                                 "password": "mirrorfs@", "base_dir": "/pub", "timeout": 10}
+        if self.tls:
+            opts.update(tls=True, ca_bundle=str(self.cafile))
         opts.update(extra)
         return opts
 
@@ -333,11 +357,11 @@ def pyftpd(root: str | os.PathLike[str] | None = None) -> Iterator[PyFtpd]:
 
 
 @contextlib.contextmanager
-def vsftpd(workdir: str | os.PathLike[str] | None = None) -> Iterator[Vsftpd]:
+def vsftpd(workdir: str | os.PathLike[str] | None = None, tls: bool = False) -> Iterator[Vsftpd]:
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="vsftpd-"))
-        server = Vsftpd(workdir)
+        server = Vsftpd(workdir, tls=tls)
         stack.enter_context(server)
         yield server
 

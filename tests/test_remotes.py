@@ -200,7 +200,7 @@ def test_overwrite(case: Case, tmp_path: Path) -> None:
 
 
 def test_list_pagination(case: Case, tmp_path: Path) -> None:
-    keys = ["a", "b-x", "b/c", "b/d/e", "b/d/f g", "bz", "c d/é", "z"]
+    keys = [".dot", "a", "b-x", "b/.e", "b/c", "b/d/e", "b/d/f g", "bz", "c d/é", "z"]
     src = write(tmp_path / "src", b"x")
 
     async def body(r: Remote) -> None:
@@ -210,9 +210,9 @@ def test_list_pagination(case: Case, tmp_path: Path) -> None:
         assert await all_keys(r) == sorted(keys)
         assert await all_keys(r, limit=1000) == sorted(keys)
         assert await all_keys(r, limit=3) == sorted(keys)
-        assert await all_keys(r, "b/") == ["b/c", "b/d/e", "b/d/f g"]
+        assert await all_keys(r, "b/") == ["b/.e", "b/c", "b/d/e", "b/d/f g"]
         assert await all_keys(r, "b/d") == ["b/d/e", "b/d/f g"]
-        assert await all_keys(r, "b") == ["b-x", "b/c", "b/d/e", "b/d/f g", "bz"]
+        assert await all_keys(r, "b") == ["b-x", "b/.e", "b/c", "b/d/e", "b/d/f g", "bz"]
         assert await all_keys(r, "nothing/") == []
         page = await r.list(cursor="b/d/e", limit=100)
         assert [e.key for e in page.entries] == ["b/d/f g", "bz", "c d/é", "z"]
@@ -390,9 +390,24 @@ def test_s3_cancelled_multipart_is_aborted(moto: MotoS3, tmp_path: Path) -> None
     make = s3_case(moto, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
 
     async def body(r: Remote) -> None:
-        with trio.move_on_after(0.2) as scope:
-            await r.put("big", src, ObjectMeta(size=30 * MiB))
-        assert scope.cancelled_caught
+        assert isinstance(r, S3Remote)
+        real = r._upload_part
+        first_part_sent = trio.Event()
+
+        async def watched(full: str, upload_id: str, number: int, data: bytes) -> str:
+            etag = await real(full, upload_id, number, data)
+            first_part_sent.set()
+            return etag
+
+        r._upload_part = watched  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            async def put() -> None:
+                await r.put("big", src, ObjectMeta(size=30 * MiB))
+                raise AssertionError("the put was not cancelled")
+
+            nursery.start_soon(put)
+            await first_part_sent.wait()
+            nursery.cancel_scope.cancel()
         with pytest.raises(NotFound):
             await r.stat("big")
 
@@ -467,16 +482,60 @@ def test_ftp_partial_reads_keep_the_pool_usable(ftp_case: Case, tmp_path: Path) 
 
     async def body(r: Remote) -> None:
         await r.put("f", src, ObjectMeta(size=len(data)))
+        t0 = time.monotonic()
         for i in range(5):
             async with r.open_read("f", i * 1000) as stream:
                 first = await stream.read()
             assert first == data[i * 1000:i * 1000 + len(first)] and first
             assert (await r.stat("f")).size == len(data)
+        assert time.monotonic() - t0 < 3  # no wait for a resync timeout
         with trio.move_on_after(0.05):
             await read_all(r, "f")
         assert await read_all(r, "f", 10, 10) == data[10:20]
 
     run(ftp_case, body, connections=1)
+
+
+def test_ftps_vsftpd(tmp_path: Path) -> None:
+    """Explicit FTPS against vsftpd: verified certificate, protected data, session reuse."""
+    if not Vsftpd.available(tls=True):
+        pytest.skip("needs vsftpd, root and the openssl tool")
+    data = os.urandom(3 * MiB)
+    src = write(tmp_path / "a", data)
+    with Vsftpd(tmp_path / "vs", tls=True) as server:
+        async def body(r: Remote) -> None:
+            await r.probe()
+            res = await r.put("d/x", src, ObjectMeta(size=len(data)))
+            assert res.xxhash == xxhash.xxh3_128_hexdigest(data)
+            t0 = time.monotonic()
+            for start in range(0, 5000, 1000):  # early hang-ups of TLS data connections
+                assert await read_all(r, "d/x", start, 10) == data[start:start + 10]
+            assert time.monotonic() - t0 < 3  # no wait for a resync timeout
+            assert await read_all(r, "d/x") == data
+            assert await all_keys(r) == ["d/x"]
+            await r.rename("d/x", "e/y")
+            await r.delete("e/y")
+            assert await all_keys(r) == []
+
+        run(lambda **o: FtpRemote("f", server.options(**o)), body)
+
+        async def untrusted(r: Remote) -> None:
+            with pytest.raises(PermanentRemoteError, match="certificate"):
+                await r.probe()
+
+        run(lambda **o: FtpRemote("f", server.options(ca_bundle=None)), untrusted)
+
+        async def unverified(r: Remote) -> None:
+            await r.probe()
+
+        run(lambda **o: FtpRemote("f", server.options(ca_bundle=None, verify_tls=False)),
+            unverified)
+
+        async def plain(r: Remote) -> None:
+            with pytest.raises(PermanentRemoteError, match="530"):
+                await r.probe()
+
+        run(lambda **o: FtpRemote("f", server.options(tls=False)), plain)
 
 
 def test_ftp_wrong_password(pyftpd_server: PyFtpd) -> None:

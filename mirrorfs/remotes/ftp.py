@@ -96,6 +96,25 @@ def _is(exc: aioftp.StatusCodeError, *prefixes: str) -> bool:
     return _code(exc).startswith(prefixes)
 
 
+def _in_step(exc: aioftp.StatusCodeError) -> bool:
+    """Whether the connection can be reused after this error reply.
+
+    A 4xx/5xx is the server refusing the command we sent. Any other unexpected code is most
+    likely a reply to an earlier command read late: the connection is out of step, drop it.
+    421 means the server is closing it anyway.
+    """
+    return _is(exc, "4", "5") and not _is(exc, "421")
+
+
+def _hang_up(stream: aioftp.DataConnectionThrottleStreamIO) -> None:
+    """Drop a data connection mid-transfer, at once.
+
+    Not close(): on TLS that sends close_notify and waits for the server's, while the server
+    is still blocked writing the rest of the file to us, so both sides sit until a timeout.
+    """
+    stream.writer.transport.abort()
+
+
 @dataclass
 class _Transfer:
     """A download in progress: the client is out of the pool until the transfer is closed."""
@@ -264,8 +283,12 @@ class FtpRemote(Remote):
         self._pool: _Pool | None = None
         self._transfers: dict[int, _Transfer] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._epsv = True  # until the server says it does not know EPSV
         self._tids = itertools.count()
-        self._list_cmd: str | None = None  # "MLSD" or "LIST", once the server told us
+        # Listing commands still to try, best first; fixed once one has worked. "LIST -a"
+        # because vsftpd hides dot files from a plain LIST (unless force_dot_files=YES).
+        self._list_cmds = ["MLSD", "LIST -a", "LIST"]
+        self._list_known = False
 
     # -- the bridge (trio side) ------------------------------------------------------------
 
@@ -395,7 +418,7 @@ class FtpRemote(Remote):
             reusable = True
             return result
         except aioftp.StatusCodeError as exc:
-            reusable = not _is(exc, "421")
+            reusable = _in_step(exc)
             raise
         except MirrorfsError:
             reusable = True
@@ -405,18 +428,52 @@ class FtpRemote(Remote):
 
     async def _a_data(self, client: aioftp.Client, command: str,
                       offset: int = 0) -> aioftp.DataConnectionThrottleStreamIO:
-        """Open a passive data connection for ``command`` (aioftp's leaks it on an error)."""
-        reader, writer = await client.get_passive_connection("I")
+        """Open a passive data connection for ``command``.
+
+        Not aioftp's get_stream: that one leaks the connection when the command is refused,
+        and with TLS it does the handshake before sending the command, while servers such as
+        vsftpd start theirs only after it (both sides then wait for each other). Here TLS
+        starts after the 1xx reply, reusing the control connection's session, as ftplib does.
+        """
+        reader, writer = await self._a_passive(client)
         try:
             if offset:
                 await client.command(f"REST {offset}", "350")
             await client.command(command, "1xx")
+            if self.tls:
+                control = client.stream.writer.transport.get_extra_info("ssl_object")
+                ctx = aioftp.SSLSessionBoundContext(ssl.PROTOCOL_TLS_CLIENT,
+                                                    context=control.context,
+                                                    session=control.session)
+                await writer.start_tls(ctx, server_hostname=self.host,
+                                       ssl_handshake_timeout=self.timeout)
         except BaseException:
             writer.close()
             raise
         return aioftp.DataConnectionThrottleStreamIO(
             client, reader, writer, throttles={"_": client.throttle},
             timeout=client.socket_timeout)
+
+    async def _a_passive(
+            self, client: aioftp.Client) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """EPSV (or PASV) and a plain TCP connection to the port the server gave.
+
+        The address in a PASV reply is ignored, as aioftp does by default: behind NAT it is
+        often wrong, and the control connection's host is right.
+        """
+        port = None
+        if self._epsv:
+            try:
+                _, info = await client.command("EPSV", "229")
+                port = client.parse_epsv_response(info[-1])[1]
+            except aioftp.StatusCodeError as exc:
+                if not _is(exc, "50"):
+                    raise
+                self._epsv = False
+        if port is None:
+            _, info = await client.command("PASV", "227")
+            port = client.parse_pasv_response(info[-1])[1]
+        return await asyncio.wait_for(asyncio.open_connection(self.host, port), self.timeout)
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -469,16 +526,17 @@ class FtpRemote(Remote):
                     size += len(block)
                     await stream.write(block)
             except BaseException:
-                stream.close()
+                _hang_up(stream)
                 raise
             await stream.finish()
             await self._a_rename_over(client, tmp, final, dir_parts)
-        except (aioftp.StatusCodeError, MirrorfsError):
-            with contextlib.suppress(aioftp.StatusCodeError):
-                await client.command("DELE " + tmp, "2xx")
-            raise
-        except BaseException:
-            self._spawn_cleanup(tmp)
+        except BaseException as exc:
+            if isinstance(exc, MirrorfsError) or (isinstance(exc, aioftp.StatusCodeError)
+                                                  and _in_step(exc)):
+                with contextlib.suppress(aioftp.StatusCodeError):
+                    await client.command("DELE " + tmp, "2xx")
+            else:
+                self._spawn_cleanup(tmp)
             raise
         return size, h.hexdigest()
 
@@ -578,25 +636,27 @@ class FtpRemote(Remote):
                           dir_parts: list[str]) -> list[tuple[str, bool, int, int | None]]:
         """(name, is_dir, size, mtime_ns) of one directory; a missing directory is empty."""
         path = self._path(dir_parts)
-        cmd = self._list_cmd or "MLSD"
+        cmd = self._list_cmds[0]
         parse = client.parse_mlsx_line if cmd == "MLSD" else client.parse_list_line
         try:
             stream = await self._a_data(client, f"{cmd} {path}")
         except aioftp.StatusCodeError as exc:
-            if cmd == "MLSD" and self._list_cmd is None and _is(exc, "500", "502", "504"):
-                self._list_cmd = "LIST"
+            unknown = ("500", "501", "502", "504") if cmd == "LIST -a" else ("500", "502", "504")
+            if not self._list_known and len(self._list_cmds) > 1 and _is(exc, *unknown):
+                log.debug("mirror %s: %s refused (%s), trying %s", self.name, cmd, _code(exc),
+                          self._list_cmds[1])
+                self._list_cmds.pop(0)
                 return await self._a_list_dir(client, dir_parts)
             if _is(exc, "550", "450", "501"):  # pyftpdlib: "501 No such directory."
                 return []
             raise
-        if self._list_cmd is None:
-            self._list_cmd = cmd
+        self._list_known = True
         lines = []
         try:
             while line := await stream.readline():
                 lines.append(line)
         except BaseException:
-            stream.close()
+            _hang_up(stream)
             raise
         await stream.finish()
         out = []
@@ -659,7 +719,7 @@ class FtpRemote(Remote):
             while data := await stream.read(BLOCK_SIZE):
                 back += data
         except BaseException:
-            stream.close()
+            _hang_up(stream)
             raise
         await stream.finish()
         await client.command("DELE " + self._path([name]), "2xx")
@@ -676,7 +736,7 @@ class FtpRemote(Remote):
         try:
             stream = await self._a_data(client, "RETR " + self._path(parts), start)
         except aioftp.StatusCodeError as exc:
-            pool.release(client, not _is(exc, "421"))
+            pool.release(client, _in_step(exc))
             if _is(exc, "550"):
                 raise NotFound(f"mirror {self.name}: {'/'.join(parts)}") from None
             if start and _is(exc, "554"):
@@ -722,13 +782,15 @@ class FtpRemote(Remote):
     async def _a_close_transfer(self, tid: int) -> None:
         """Hang up a download early and bring the control connection back in step.
 
-        Servers answer a dropped data connection with 426 or (if everything was already sent)
-        226, some with both; a NOOP and reading up to its 200 skips whatever came.
+        The server answers the dropped data connection with 426 (or 226 if it had sent
+        everything already). That reply is awaited first: servers that read commands during a
+        transfer (pyftpdlib) may answer a NOOP before it. A NOOP, read up to its 200, then
+        skips anything more (426 followed by 226, as some servers do).
         """
         t = self._transfers.pop(tid, None)
         if t is None:
             return
-        t.stream.close()
+        _hang_up(t.stream)
         try:
             await asyncio.wait_for(self._a_resync(t.client), min(self.timeout, RESYNC_TIMEOUT_S))
         except (TimeoutError, aioftp.AIOFTPException, OSError) as exc:
@@ -742,16 +804,18 @@ class FtpRemote(Remote):
 
     @staticmethod
     async def _a_resync(client: aioftp.Client) -> None:
-        await client.command("NOOP")
-        while True:
+        code, _ = await client.parse_response()
+        while code.startswith("1"):
             code, _ = await client.parse_response()
-            if code == "200":
-                return
+        await client.command("NOOP")
+        code, _ = await client.parse_response()
+        while code != "200":
+            code, _ = await client.parse_response()
 
     def _drop_transfer(self, tid: int, reusable: bool) -> None:
         t = self._transfers.pop(tid, None)
         if t is not None:
-            t.stream.close()
+            _hang_up(t.stream)
             self._pool_release(t.client, reusable)
 
     def _pool_release(self, client: aioftp.Client, reusable: bool) -> None:
