@@ -50,7 +50,6 @@ from mirrorfs.cache.db import (
     F_ORPHAN,
     LOCAL_FULL,
     MQ,
-    U16,
     U64,
     Inode,
     RemoteCopy,
@@ -295,8 +294,7 @@ class Uploader:
                 m.busy[p] = ino
 
     def _owner(self, txn: lmdb.Transaction, m: MirrorState, path: bytes) -> int | None:
-        v = txn.get(U16.pack(m.rule.index) + path, db=self.reg.db.db["rpath"])
-        return U64.unpack(v)[0] if v else None
+        return self.reg.rpath_owner(txn, m.rule.index, path)
 
     def _wanted_path(self, txn: lmdb.Transaction, m: MirrorState,
                      node: Inode | None) -> bytes | None:
@@ -347,43 +345,15 @@ class Uploader:
                 # The other inode's only copy here is this object: let it move away first.
                 self.reg.journal.touch(txn, idx, owner, self.clock())
                 raise Defer(f"key {path!r} holds inode {owner}, which must move first", 0.5)
-            self._drop_remote(txn, m, owner, path)
+            self.reg.drop_remote(txn, m.rule.index, owner, path)
             if other is not None and other_want is not None:
                 self.reg.journal.touch(txn, idx, owner, self.clock())
         m.wake.set()
 
-    def _drop_remote(self, txn: lmdb.Transaction, m: MirrorState, ino: int,
-                     path: bytes | None) -> None:
-        idx = m.rule.index
-        t = txn
-        rc = self.reg.remote_copy(t, idx, ino)
-        if rc is not None:
-            t.delete(MQ.pack(idx, ino), db=self.reg.remote)
-            bump_counter(t, self.reg.counters, b"m%d.copies" % idx, -1)
-            bump_counter(t, self.reg.counters, b"m%d.copy_bytes" % idx, -rc.size)
-        if path is not None:
-            rp = self.reg.db.db["rpath"]
-            key = U16.pack(idx) + path
-            v = t.get(key, db=rp)
-            if v is not None and U64.unpack(v)[0] == ino:
-                t.delete(key, db=rp)
-
-    def _set_remote(self, txn: lmdb.Transaction, m: MirrorState, ino: int, rc: RemoteCopy) -> None:
-        idx = m.rule.index
-        old = self.reg.remote_copy(txn, idx, ino)
-        if old is not None:
-            self._drop_remote(txn, m, ino, old.path if old.path != rc.path else None)
-        t = txn
-        t.put(MQ.pack(idx, ino), rc.pack(), db=self.reg.remote)
-        t.put(U16.pack(idx) + rc.path, U64.pack(ino),
-              db=self.reg.db.db["rpath"])
-        bump_counter(t, self.reg.counters, b"m%d.copies" % idx, 1)
-        bump_counter(t, self.reg.counters, b"m%d.copy_bytes" % idx, rc.size)
-
     def _record_move(self, m: MirrorState, ino: int, rc: RemoteCopy, new_path: bytes) -> None:
         with self.reg.db.begin(write=True) as txn:
-            self._set_remote(txn, m, ino, RemoteCopy(new_path, rc.ver, rc.hash, rc.size,
-                                                     rc.mode, rc.mtime_ns))
+            self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
+                new_path, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
             bump_counter(txn, self.reg.counters, b"m%d.renames" % m.rule.index, 1)
 
     def _record_meta(self, m: MirrorState, ino: int, node: Inode) -> None:
@@ -401,7 +371,7 @@ class Uploader:
             with self.reg.db.begin(write=True) as txn:
                 bump_counter(txn, self.reg.counters, b"m%d.deletes" % m.rule.index, 1)
         with self.reg.db.begin(write=True) as txn:
-            self._drop_remote(txn, m, ino, rc.path)
+            self.reg.drop_remote(txn, m.rule.index, ino, rc.path)
 
     async def _upload(self, m: MirrorState, node: Inode, path: bytes,
                       old: RemoteCopy | None) -> None:
@@ -432,7 +402,7 @@ class Uploader:
                     and cur.size == size)
             rc = RemoteCopy(path, node.ver if same else 0, bytes.fromhex(res.xxhash),
                             res.size, node.mode, node.mtime_ns)
-            self._set_remote(txn, m, ino, rc)
+            self.reg.set_remote(txn, m.rule.index, ino, rc)
             idx = m.rule.index
             bump_counter(txn, self.reg.counters, b"m%d.uploads" % idx, 1)
             bump_counter(txn, self.reg.counters, b"m%d.upload_bytes" % idx, res.size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from tests.mountutil import Mount, write_config
 MountFactory = Callable[..., Mount]
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request lines
+# moto's request recorder writes to ./moto_recording unless told otherwise
+os.environ.setdefault("MOTO_RECORDER_FILEPATH",
+                      os.path.join(tempfile.gettempdir(), f"moto-recording-{os.getpid()}"))
 
 
 @pytest.fixture

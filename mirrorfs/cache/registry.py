@@ -25,10 +25,12 @@ from mirrorfs.cache.db import (
     F_OPEN_WRITE,
     F_ORPHAN,
     LOCAL_FULL,
+    LOCAL_NONE,
     MQ,
     ROOT_INO,
     U16,
     U64,
+    ZERO_HASH,
     Database,
     Inode,
     RemoteCopy,
@@ -568,3 +570,82 @@ class Registry:
             idx = next(i for i in range(1, 65535) if i not in used)
             txn.put(name.encode(), U16.pack(idx), db=mdb)
             return idx
+
+    # ----------------------------------------------------------------- remote copies
+
+    def rpath_owner(self, txn: lmdb.Transaction, mirror: int, path: bytes) -> int | None:
+        v = txn.get(U16.pack(mirror) + path, db=self.db.db["rpath"])
+        return U64.unpack(v)[0] if v else None
+
+    def drop_remote(self, txn: lmdb.Transaction, mirror: int, ino: int,
+                    path: bytes | None) -> None:
+        """Forget what ``mirror`` holds for ``ino`` (and its key, if ``ino`` still owns it)."""
+        rc = self.remote_copy(txn, mirror, ino)
+        if rc is not None:
+            txn.delete(MQ.pack(mirror, ino), db=self.remote)
+            bump_counter(txn, self.counters, b"m%d.copies" % mirror, -1)
+            bump_counter(txn, self.counters, b"m%d.copy_bytes" % mirror, -rc.size)
+        if path is not None and self.rpath_owner(txn, mirror, path) == ino:
+            txn.delete(U16.pack(mirror) + path, db=self.db.db["rpath"])
+
+    def set_remote(self, txn: lmdb.Transaction, mirror: int, ino: int, rc: RemoteCopy) -> None:
+        """Record that ``mirror`` holds ``rc`` for ``ino``, owning key ``rc.path``."""
+        old = self.remote_copy(txn, mirror, ino)
+        if old is not None:
+            self.drop_remote(txn, mirror, ino, old.path if old.path != rc.path else None)
+        txn.put(MQ.pack(mirror, ino), rc.pack(), db=self.remote)
+        txn.put(U16.pack(mirror) + rc.path, U64.pack(ino), db=self.db.db["rpath"])
+        bump_counter(txn, self.counters, b"m%d.copies" % mirror, 1)
+        bump_counter(txn, self.counters, b"m%d.copy_bytes" % mirror, rc.size)
+
+    def add_remote_file(self, txn: lmdb.Transaction, path: bytes, size: int, mtime_ns: int,
+                        mode: int, digest: bytes | None, mirror: int, key: bytes,
+                        uid: int = 0, gid: int = 0) -> tuple[str, Inode | None]:
+        """Register an object found on a mirror as a remote-only file at ``path``.
+
+        Missing directories are created. Returns ("added", node), ("attached", node) when the
+        same file (same size and hash) is already there, or ("exists", node) / ("blocked",
+        None) when something else holds the path: nothing is overwritten.
+        """
+        parts = path.split(b"/")
+        parent = self._must(txn, ROOT_INO)
+        now = now_ns()
+        for part in parts[:-1]:
+            child = self.lookup_txn(txn, parent.ino, part)
+            if child is None:
+                ino = self._new_ino(txn)
+                child = Inode(ino, parent.ino, stat.S_IFDIR | 0o755, uid, gid, 2, 0, now, now,
+                              now, ver=1, name=part)
+                self._put(txn, child)
+                txn.put(dentry_key(parent.ino, part), U64.pack(ino), db=self.dentries)
+                parent.nlink += 1
+                parent.mtime_ns = parent.ctime_ns = now
+                self._put(txn, parent)
+                bump_counter(txn, self.counters, b"dirs", 1)
+            elif not stat.S_ISDIR(child.mode):
+                return "blocked", None
+            parent = child
+        name = parts[-1]
+        existing = self.lookup_txn(txn, parent.ino, name)
+        if existing is not None:
+            same = (stat.S_ISREG(existing.mode) and existing.size == size and digest is not None
+                    and existing.hash_ver == existing.ver and existing.hash == digest)
+            if same and self.remote_copy(txn, mirror, existing.ino) is None:
+                self.set_remote(txn, mirror, existing.ino, RemoteCopy(
+                    key, existing.ver, digest or ZERO_HASH, size, existing.mode,
+                    existing.mtime_ns))
+                return "attached", existing
+            return "exists", existing
+        ino = self._new_ino(txn)
+        node = Inode(ino, parent.ino, stat.S_IFREG | (mode & 0o7777), uid, gid, 1, size, now,
+                     mtime_ns, now, ver=1, local=LOCAL_NONE, name=name,
+                     hash=digest or ZERO_HASH, hash_ver=1 if digest else 0)
+        self._put(txn, node)
+        txn.put(dentry_key(parent.ino, name), U64.pack(ino), db=self.dentries)
+        parent.mtime_ns = parent.ctime_ns = now
+        self._put(txn, parent)
+        bump_counter(txn, self.counters, b"files", 1)
+        bump_counter(txn, self.counters, b"bytes", size)
+        self.set_remote(txn, mirror, ino, RemoteCopy(key, 1, digest or ZERO_HASH, size,
+                                                     node.mode, mtime_ns))
+        return "added", node
