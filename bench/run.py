@@ -152,6 +152,11 @@ Cell = float | str  # a figure, or why there is none
 class Results:
     reps: int
     values: dict[str, dict[str, list[Cell]]] = field(default_factory=dict)
+    perturbed: set[tuple[str, str, int]] = field(default_factory=set)
+
+    def flag(self, metrics: list[str], system: str, rep: int) -> None:
+        """Figures taken while another process dropped the caches: marked in the report."""
+        self.perturbed.update((m, system, rep) for m in metrics)
 
     def put(self, metric: str, system: str, rep: int, value: Cell) -> None:
         row = self.values.setdefault(metric, {})
@@ -281,9 +286,45 @@ def clean_stale() -> None:
         subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
 
 
+OWN_DROPS = [0]  # how many times this run wrote drop_caches
+
+
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    OWN_DROPS[0] += 1
+
+
+def foreign_drops() -> int:
+    """drop_caches writes by other processes (other engineers' tests) so far; they empty the
+    page cache under a warm measurement, so warm figures are retried or flagged."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("drop_pagecache "):
+                return int(line.split()[1]) - OWN_DROPS[0]
+    return 0
+
+
+@contextlib.contextmanager
+def drop_guard() -> Iterator[list[bool]]:
+    """``with drop_guard() as hit:`` -- ``hit[0]`` is True afterwards if someone else dropped
+    the caches meanwhile."""
+    hit = [False]
+    d0 = foreign_drops()
+    yield hit
+    hit[0] = foreign_drops() != d0
+
+
+def guarded(measure: Callable[[], Any], attempts: int = 3) -> tuple[Any, bool]:
+    """Run ``measure`` until no foreign drop_caches happened during it (at most ``attempts``
+    times); returns its result and whether the last one was still perturbed."""
+    for _ in range(attempts):
+        with drop_guard() as hit:
+            out = measure()
+        if not hit[0]:
+            return out, False
+        log("  another process dropped the caches during the measurement: again")
+    return out, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -810,9 +851,12 @@ def w_seq(ctx: Ctx, s: System, rep: int) -> None:
         return
     path.unlink(missing_ok=True)
     settle_gone(s, s.key("seq.dat"), ctx)
-    job = fio("seqwrite_1m", path, "write", "1M", size, end_fsync="1")
+    with drop_guard() as hit:
+        job = fio("seqwrite_1m", path, "write", "1M", size, end_fsync="1")
     closed = time.monotonic()
     res.put("seqwrite_1m", s.name, rep, fio_mbps(job, "write"))
+    if hit[0]:
+        res.flag(["seqwrite_1m"], s.name, rep)
     if s.remote and s.bucket is not None:
         b, key = s.bucket, s.key("seq.dat")
         try:
@@ -821,19 +865,35 @@ def w_seq(ctx: Ctx, s: System, rep: int) -> None:
             ctx.uploaded[s.name] = True
         except TimeoutError as exc:
             res.put("drain_big", s.name, rep, str(exc))
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # warm it
-    job = fio("seqread_warm", path, "read", "1M", size)
+
+    def warm_read() -> dict[str, Any]:
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # warm it
+        return fio("seqread_warm", path, "read", "1M", size)
+
+    job, bad = guarded(warm_read)
     res.put("seqread_warm", s.name, rep, fio_mbps(job, "read"))
-    job = fio("randread", path, "randread", "4k", size, time_based="1",
-              runtime=str(ctx.sizes.randread_s), randrepeat="0", norandommap="1")
+    if bad:
+        res.flag(["seqread_warm"], s.name, rep)
+
+    def rand_read() -> dict[str, Any]:
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+        return fio("randread", path, "randread", "4k", size, time_based="1",
+                   runtime=str(ctx.sizes.randread_s), randrepeat="0", norandommap="1")
+
+    job, bad = guarded(rand_read)
     res.put("randread_iops", s.name, rep, float(job["read"]["iops"]))
     res.put("randread_lat", s.name, rep, float(job["read"]["lat_ns"]["mean"]) / 1000.0)
+    if bad:
+        res.flag(["randread_iops", "randread_lat"], s.name, rep)
     drop_caches()
     job = fio("seqread_cold", path, "read", "1M", size)
     res.put("seqread_cold", s.name, rep, fio_mbps(job, "read"))
     path4k.unlink(missing_ok=True)
-    job = fio("seqwrite_4k", path4k, "write", "4k", size, end_fsync="1")
+    with drop_guard() as hit:
+        job = fio("seqwrite_4k", path4k, "write", "4k", size, end_fsync="1")
     res.put("seqwrite_4k", s.name, rep, fio_mbps(job, "write"))
+    if hit[0]:
+        res.flag(["seqwrite_4k"], s.name, rep)
     path4k.unlink()  # before the upload delay ends: never uploaded
     settle_gone(s, s.key("seq4k.dat"), ctx)
 
@@ -876,13 +936,22 @@ SF_KEYS = ["sf_create", "sf_stat", "sf_list", "sf_delete"]
 
 def w_smallfiles(ctx: Ctx, s: System, rep: int) -> None:
     n = ctx.sizes.small_files
-    d = f"sf-r{rep}"
-    r = worker("smallfiles", dir=str(s.root / d), n=n)
-    if r["listed"] != n:
-        raise RuntimeError(f"listed {r['listed']} entries, expected {n}")
+    attempt = [0]
+
+    def once() -> dict[str, Any]:
+        attempt[0] += 1
+        d = f"sf-r{rep}-{attempt[0]}"
+        r = worker("smallfiles", dir=str(s.root / d), n=n)
+        settle_prefix_empty(s, s.key(d + "/"), ctx)
+        if r["listed"] != n:
+            raise RuntimeError(f"listed {r['listed']} entries, expected {n}")
+        return r
+
+    r, bad = guarded(once, attempts=2)
     for k in SF_KEYS:
         ctx.results.put(k, s.name, rep, r[k])
-    settle_prefix_empty(s, s.key(d + "/"), ctx)
+    if bad:
+        ctx.results.flag(SF_KEYS, s.name, rep)
 
 
 def w_drain_small(ctx: Ctx, s: System, rep: int) -> None:
@@ -1085,13 +1154,13 @@ def fmt(v: Cell | None) -> str:
     return f"{v:.3f}"
 
 
-def summary(cells: list[Cell]) -> str:
+def summary(cells: list[Cell], flagged: int = 0) -> str:
     nums = [c for c in cells if isinstance(c, float)]
     if not cells:
         return "—"
     if not nums:
         return str(next(c for c in cells))
-    s = fmt(statistics.median(nums))
+    s = fmt(statistics.median(nums)) + ("†" * bool(flagged))
     if len(nums) > 1:
         s += f" ({fmt(min(nums))}{DASH}{fmt(max(nums))})"
     bad = len(cells) - len(nums)
@@ -1168,7 +1237,9 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in ms:
         row = [m.title + (f" <br>*{m.note}*" if m.note else ""), m.unit]
-        row += [summary(res.cells(m.key, c)) for c in cols]
+        row += [summary(res.cells(m.key, c),
+                        sum(1 for (k, sy, _) in res.perturbed if k == m.key and sy == c))
+                for c in cols]
         r1, rs1 = ratio(res, m, "mirrorfs", m.ref)
         r2, rs2 = ratio(res, m, "mirrorfs", "rclone")
         row += [fmt_ratio(r1, rs1) + (f" vs {m.ref}" if r1 is not None else ""),
@@ -1178,6 +1249,10 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
         row.append(g)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Goals", "", *goal_lines(res, ms), "", "## Notes", ""]
+    if res.perturbed:
+        lines.append(f"- †: {len(res.perturbed)} figure(s) were taken while another process "
+                     "wrote /proc/sys/vm/drop_caches (seen in /proc/vmstat) even after retries; "
+                     "warm figures with † may be low.")
     lines += [f"- {n}" for n in notes]
     lines += ["", "## Scaling", "",
               "Not measured yet (create rate and stat latency with 1k..1M registered files, "
@@ -1195,7 +1270,7 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
     if png:
         shutil.copyfile(png, RESULTS / "latest-ratios.png")
     raw = {"info": info, "reps": res.reps, "sizes": vars(args.sizes), "values": res.values,
-           "notes": notes}
+           "perturbed": sorted(res.perturbed), "notes": notes}
     (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=1, default=str))
     return out
 
