@@ -332,6 +332,22 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p = cmd("backfill", simple("backfill", mirror="mirror", batch="batch"),
             "queue every existing file for a mirror (restartable)", mirror="required")
     p.add_argument("--batch", type=int, default=1000)
+    p = cmd("import", simple("import", mirror="mirror", prefix="prefix", fast="fast",
+                             batch="batch"),
+            "register the objects a mirror already holds as remote-only files (restartable)",
+            mirror="required")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--fast", action="store_true",
+                   help="skip the per-object metadata request (no hashes: verified on first "
+                   "download by size only)")
+    p.add_argument("--batch", type=int, default=1000)
+    p = cmd("verify", simple("verify", paths="paths", remote="remote", deep="deep",
+                             repair="repair"),
+            "recompute hashes of cached files; --remote checks the mirrors", paths=True)
+    p.add_argument("--remote", action="store_true", help="check each mirror's copy")
+    p.add_argument("--deep", action="store_true", help="with --remote: read whole objects")
+    p.add_argument("--repair", action="store_true",
+                   help="re-download bad cached copies, re-upload missing or bad mirror copies")
     p = cmd("url", a_url, "public URL of a file on a mirror")
     p.add_argument("path")
     p.add_argument("mirror", nargs="?")

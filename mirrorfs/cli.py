@@ -132,6 +132,8 @@ def _run_mount(cfg: Config, mountpoint: str, options: list[str], ready: object,
         trio.run(serve, cfg, mountpoint, options, ready)
     except AlreadyMounted as exc:
         return fail(EXIT_BUSY, f"mirrorfs: {exc}")
+    except ConfigError as exc:
+        return fail(EXIT_USAGE, f"mirrorfs: invalid config: {exc}")
     except OSError as exc:
         return fail(EXIT_FAIL, f"mirrorfs: {exc}")
     return EXIT_OK
@@ -208,6 +210,16 @@ exec %(python)s -m mirrorfs.cli mount "$src" "$dst" ${opts:+-o "$opts"}
 """
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    import trio
+
+    from mirrorfs.maintenance import check_config
+
+    setup_logging("WARNING")
+    cfg = _load(args.config)
+    return trio.run(check_config, cfg)
+
+
 def cmd_install_helper(args: argparse.Namespace) -> int:
     path = os.path.join(args.dir, "mount.fuse.mirrorfs")
     text = HELPER % {"python": sys.executable}
@@ -242,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first wait until every mirror holds everything")
     u.add_argument("--timeout", type=float, help="with --wait: give up after this many s")
     u.set_defaults(func=cmd_umount)
+
+    c = sub.add_parser("check-config",
+                       help="parse CONFIG and probe every mirror (write, read, delete)")
+    c.add_argument("config")
+    c.set_defaults(func=cmd_check_config)
 
     h = sub.add_parser("install-helper",
                        help="install /sbin/mount.fuse.mirrorfs for mount -t and fstab")

@@ -162,7 +162,7 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
     db, reg, store, clean = open_registry(cfg)
     replay_journal(reg, store, clean)
     ops = Operations(reg, store, attr_timeout=cfg.attr_timeout, xattrs=cfg.xattrs,
-                     readonly="ro" in options)
+                     readonly="ro" in mount_options(cfg, options))
     daemon = Daemon(cfg, mountpoint, db, reg, store, ops)
     from mirrorfs.workers import start_workers
 

@@ -83,11 +83,13 @@ class Space:
 
     def load(self) -> None:
         """Seed the LRU from the registry (oldest modification first)."""
+        local = []
         with self.reg.db.begin() as txn:
-            nodes = [Inode.unpack(v) for _k, v in txn.cursor(db=self.reg.inodes)]
-        local = sorted((n.mtime_ns, n.ino) for n in nodes
-                       if stat.S_ISREG(n.mode) and n.local == LOCAL_FULL
-                       and not n.flags & F_ORPHAN)
+            for _k, v in txn.cursor(db=self.reg.inodes):
+                n = Inode.unpack(v)
+                if stat.S_ISREG(n.mode) and n.local == LOCAL_FULL and not n.flags & F_ORPHAN:
+                    local.append((n.mtime_ns, n.ino))
+        local.sort()
         self.lru = OrderedDict((ino, None) for _t, ino in local)
 
     # ------------------------------------------------------------ eviction

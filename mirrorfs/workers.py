@@ -17,6 +17,8 @@ from mirrorfs.admin import COMMANDS, file_state
 from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
+from mirrorfs.errors import ConfigError
+from mirrorfs.maintenance import cmd_import, cmd_verify, probe_all
 from mirrorfs.remotes.base import Remote, make_remote
 from mirrorfs.space import Space
 from mirrorfs.stats import RuntimeStats
@@ -91,12 +93,20 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
     cfg, reg, store, ops = daemon.cfg, daemon.reg, daemon.store, daemon.ops
     remotes = open_remotes(cfg)
     daemon.remotes = dict(remotes)
+    probes = await probe_all(remotes)
     stats = RuntimeStats()
     daemon.stats = stats
     rules = {r.name: r for r in reg.mirrors}
     states = [MirrorState(rule=rules[m.name], remote=remotes[m.name],
-                          concurrency=m.concurrency, paused=cfg.paused)
+                          concurrency=m.concurrency, paused=cfg.paused,
+                          up=probes[m.name][0] == "ok", last_error=probes[m.name][1]
+                          if probes[m.name][0] != "ok" else "")
               for m in cfg.mirrors]
+    for name, (status, detail, _secs) in probes.items():
+        if status == "error":
+            raise ConfigError(cfg.path, f"mirrors.{name}", detail)
+        if status == "unreachable":
+            log.warning("mirror %s is unreachable at start (%s); its queue waits", name, detail)
     space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
                   dirty_limit=cfg.dirty_limit)
     uploader = await Uploader.create(reg, store, ops, states, nursery)
@@ -113,5 +123,6 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
     fetcher.on_complete = space.touch
     install_virtual_xattrs(daemon)
     nursery.start_soon(space.run, name="space")
-    await nursery.start(serve_control, daemon, COMMANDS)
+    await nursery.start(serve_control, daemon,
+                        {**COMMANDS, "import": cmd_import, "verify": cmd_verify})
     nursery.start_soon(flush_stats, daemon, stats, name="stats")

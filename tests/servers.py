@@ -127,9 +127,11 @@ class MotoS3(_Server):
             f"{self.endpoint_url}/moto-api/recorder/download-recording").read().decode()
         out = []
         for line in text.splitlines():
-            if line.strip():
+            try:
                 e = json.loads(line)
-                out.append((e["method"], urllib.parse.urlparse(e["url"]).path))
+            except ValueError:
+                continue  # a line moto is still writing
+            out.append((e["method"], urllib.parse.urlparse(e["url"]).path))
         return out
 
     def create_bucket(self, bucket: str) -> None:

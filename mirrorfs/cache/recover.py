@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable, Iterator
 
 from mirrorfs.cache.db import (
     F_LOST,
@@ -52,13 +53,8 @@ def recover(reg: Registry, store: Store, full_check: bool) -> dict[str, int]:
         else:
             present[ino] = path
     seen: set[int] = set()
-    with reg.db.begin() as txn:
-        nodes = [Inode.unpack(v) for _k, v in txn.cursor(db=reg.inodes)]
-    for node in nodes:
-        if not stat.S_ISREG(node.mode):
-            continue
-        if node.local != LOCAL_FULL and not node.flags & F_ORPHAN:
-            continue  # remote-only: a content file left by an eviction is stray
+    for node in _regular_files(reg, lambda n: n.local == LOCAL_FULL or bool(n.flags & F_ORPHAN)):
+        # (remote-only inodes are skipped: a content file left by an eviction is stray)
         seen.add(node.ino)
         _check_node(reg, store, node, present.get(node.ino), counts)
     for ino, path in present.items():
@@ -68,12 +64,31 @@ def recover(reg: Registry, store: Store, full_check: bool) -> dict[str, int]:
     return counts
 
 
+def _regular_files(reg: Registry, want: Callable[[Inode], bool]) -> Iterator[Inode]:
+    """Regular files matching ``want``, read in batches (a million inodes never sit in memory
+    at once, and no read transaction stays open while the caller writes)."""
+    after = 0
+    more = True
+    while more:
+        batch: list[Inode] = []
+        more = False
+        with reg.db.begin() as txn:
+            cur = txn.cursor(db=reg.inodes)
+            if cur.set_range(U64.pack(after + 1)):
+                for k, v in cur:
+                    after = U64.unpack(k)[0]
+                    node = Inode.unpack(v)
+                    if stat.S_ISREG(node.mode) and want(node):
+                        batch.append(node)
+                    if len(batch) >= 10_000:
+                        more = True
+                        break
+        yield from batch
+
+
 def _fix_flagged(reg: Registry, store: Store, counts: dict[str, int]) -> None:
-    with reg.db.begin() as txn:
-        nodes = [Inode.unpack(v) for _k, v in txn.cursor(db=reg.inodes)]
-    for node in nodes:
-        if node.flags & (F_OPEN_WRITE | F_ORPHAN):
-            _check_node(reg, store, node, store.path(node.ino), counts)
+    for node in _regular_files(reg, lambda n: bool(n.flags & (F_OPEN_WRITE | F_ORPHAN))):
+        _check_node(reg, store, node, store.path(node.ino), counts)
 
 
 def _check_node(reg: Registry, store: Store, node: Inode, path: str | None,

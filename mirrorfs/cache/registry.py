@@ -185,8 +185,8 @@ class Registry:
     def _journal(self, txn: lmdb.Transaction, node: Inode, path: bytes | None,
                  delete: bool = False) -> None:
         """Tell every mirror that must hear of it that ``node`` changed."""
-        if stat.S_ISLNK(node.mode):
-            return
+        if not stat.S_ISREG(node.mode):
+            return  # symlinks, FIFOs, devices live in the registry only
         was_dirty = self.is_dirty_txn(txn, node.ino)
         now = self.clock()
         touched = False
@@ -241,6 +241,17 @@ class Registry:
             if limit and last - batch_after >= limit:
                 break
         return queued, last
+
+    def requeue(self, txn: lmdb.Transaction, ino: int, mirror: int) -> None:
+        """Queue (mirror, ino) now, e.g. after `verify` found its copy missing or bad."""
+        node = self.get_txn(txn, ino)
+        if node is None:
+            return
+        was_dirty = self.is_dirty_txn(txn, ino)
+        self.journal.touch(txn, mirror, ino, self.clock())
+        if not was_dirty and not node.flags & F_ORPHAN:
+            bump_counter(txn, self.counters, b"dirty_files", 1)
+            bump_counter(txn, self.counters, b"dirty_bytes", node.size)
 
     def job_done(self, txn: lmdb.Transaction, mirror: int, ino: int, seq: int) -> None:
         """The uploader reconciled (mirror, ino): drop the job and settle the counters."""

@@ -1,0 +1,252 @@
+"""Long admin operations that talk to the mirrors: probe, import, verify.
+
+Owns no state; each runs as a control-socket command in the daemon (``import`` and
+``verify`` need the remotes) and reports progress. ``import`` is restartable: its cursor is
+saved per mirror identity and prefix in the same transaction as each page it registers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from mirrorfs.admin import files_for, mirror_names
+from mirrorfs.cache.db import LOCAL_FULL, LOCAL_NONE
+from mirrorfs.config import Config
+from mirrorfs.control import Progress
+from mirrorfs.errors import MirrorfsError, NotFound, PermanentRemoteError
+from mirrorfs.hashing import file_digest
+from mirrorfs.remotes.base import Remote
+
+if TYPE_CHECKING:
+    from mirrorfs.mount import Daemon
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 15.0
+
+
+# ---------------------------------------------------------------- probes
+
+
+async def probe_one(remote: Remote) -> tuple[str, str, float]:
+    """("ok" | "unreachable" | "error", detail, seconds) for one mirror."""
+    t0 = time.monotonic()
+    try:
+        with trio.fail_after(PROBE_TIMEOUT):
+            await remote.probe()
+    except PermanentRemoteError as exc:
+        return "error", str(exc), time.monotonic() - t0
+    except trio.TooSlowError:
+        return "unreachable", f"no answer in {PROBE_TIMEOUT:.0f}s", time.monotonic() - t0
+    except MirrorfsError as exc:
+        return "unreachable", str(exc), time.monotonic() - t0
+    return "ok", "write, read back and delete worked", time.monotonic() - t0
+
+
+async def probe_all(remotes: dict[str, Remote]) -> dict[str, tuple[str, str, float]]:
+    results: dict[str, tuple[str, str, float]] = {}
+
+    async def one(name: str, r: Remote) -> None:
+        results[name] = await probe_one(r)
+
+    async with trio.open_nursery() as n:
+        for name, r in remotes.items():
+            n.start_soon(one, name, r)
+    return results
+
+
+async def check_config(cfg: Config) -> int:
+    """`mirrorfs check-config`: one line per mirror; 0 all ok, 1 any problem."""
+    from mirrorfs.workers import close_remotes, open_remotes
+
+    remotes = open_remotes(cfg)
+    try:
+        results = await probe_all(remotes)
+    finally:
+        await close_remotes(remotes)
+    print(f"{cfg.path}: config is valid; cache_dir {cfg.cache_dir}")
+    bad = 0
+    for m in cfg.mirrors:
+        status, detail, secs = results[m.name]
+        bad += status != "ok"
+        print(f"mirror {m.name} ({m.type}): {status.upper() if status != 'ok' else 'ok'}: "
+              f"{detail} ({secs:.2f}s)")
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------- import
+
+
+def safe_key(key: str) -> bytes | None:
+    """The mount path for an object key, or None if the key cannot be a path inside the mount.
+
+    Refused: empty keys, absolute keys, NUL, empty, ``.`` or ``..`` components (``a//b``
+    included: mapping it to ``a/b`` could merge two objects), names over 255 bytes, and our
+    own temporary and probe objects.
+    """
+    if not key or "\0" in key or key.startswith("/") or key.endswith("/"):
+        return None
+    raw = os.fsencode(key)
+    parts = raw.split(b"/")
+    if any(p in (b"", b".", b"..") or len(p) > 255 for p in parts):
+        return None
+    if any(p.startswith(b".mirrorfs-") for p in parts):
+        return None
+    return raw
+
+
+async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    (name, idx), = mirror_names(d, req["mirror"])
+    prefix = req.get("prefix") or ""
+    remote: Remote = d.remotes[name]
+    mcfg = next(m for m in d.cfg.mirrors if m.name == name)
+    cursor_key = f"import:{mcfg.identity()}:{prefix}".encode()
+    cursors = d.reg.db.db["cursors"]
+    with d.reg.db.begin() as txn:
+        v = txn.get(cursor_key, db=cursors)
+    cursor = bytes(v).decode() if v else None
+    counts = {"added": 0, "attached": 0, "exists": 0, "blocked": 0, "rejected": 0}
+    resumed = cursor is not None
+    with_meta = not req.get("fast")
+    while True:
+        page = await remote.list(prefix, cursor, limit=int(req.get("batch", 1000)))
+        metas = {}
+        if with_meta:
+            for st in page.entries:
+                try:
+                    metas[st.key] = (await remote.stat(st.key)).meta
+                except NotFound:
+                    metas[st.key] = None
+        with d.reg.db.begin(write=True) as txn:
+            for st in page.entries:
+                rel = st.key[len(prefix):] if prefix and st.key.startswith(prefix) else st.key
+                path = safe_key(rel)
+                if path is None:
+                    counts["rejected"] += 1
+                    log.warning("import from %s: key %r cannot be a path in the mount; skipped",
+                                name, st.key)
+                    continue
+                meta = metas.get(st.key) or st.meta
+                digest = bytes.fromhex(meta.xxhash) if meta and meta.xxhash else None
+                if meta is not None and meta.size != st.size:
+                    log.warning("import from %s: %r says it holds %d bytes but has %d; "
+                                "its hash is not trusted", name, st.key, meta.size, st.size)
+                    digest = None
+                mtime = (meta.mtime_ns if meta and meta.mtime_ns else st.mtime_ns) or \
+                    time.time_ns()
+                mode = meta.mode if meta and meta.mode is not None else 0o644
+                status, _node = d.reg.add_remote_file(txn, path, st.size, mtime, mode, digest,
+                                                      idx, os.fsencode(st.key))
+                counts[status] += 1
+            if page.cursor is None:
+                txn.delete(cursor_key, db=cursors)
+            else:
+                txn.put(cursor_key, page.cursor.encode(), db=cursors)
+        await progress({k: v for k, v in counts.items() if v})
+        if page.cursor is None:
+            break
+        cursor = page.cursor
+    return {**counts, "resumed": resumed}
+
+
+# ---------------------------------------------------------------- verify
+
+
+async def cmd_verify(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    """Recompute hashes of cached files; with ``remote`` check the mirrors' copies too."""
+    report: dict[str, list[str]] = {"ok": [], "corrupt": [], "no_reference": [],
+                                    "remote_missing": [], "remote_bad": [], "repaired": []}
+    nodes = list(files_for(d.reg, req.get("paths", [])))
+    repair = bool(req.get("repair"))
+    limiter = trio.CapacityLimiter(2)
+    for i, node in enumerate(nodes):
+        path = d.reg.path_of(node.ino).decode("utf-8", "backslashreplace")
+        if node.local == LOCAL_FULL and not d.ops.is_open(node.ino):
+            digest = await trio.to_thread.run_sync(file_digest, d.store.path(node.ino),
+                                                   limiter=limiter)
+            if node.hash_ver != node.ver or not node.hash_ver:
+                report["no_reference"].append(path)
+            elif bytes.fromhex(digest) != node.hash:
+                report["corrupt"].append(path)
+                log.error("verify: cached copy of %r does not match its xxhash", path)
+                if repair and await _redownload(d, node.ino):
+                    report["repaired"].append(path)
+            else:
+                report["ok"].append(path)
+        if req.get("remote"):
+            await _verify_remote(d, node.ino, path, bool(req.get("deep")), repair, report)
+        if i % 50 == 0:
+            await progress({"checked": i + 1, "total": len(nodes)})
+    if d.uploader is not None:
+        d.uploader.kick()
+    return {k: v for k, v in report.items() if v} | {"checked": len(nodes)}
+
+
+async def _redownload(d: Daemon, ino: int) -> bool:
+    """Drop a bad cached copy and fetch it again, if a mirror holds the current version."""
+    with d.reg.db.begin(write=True) as txn:
+        node = d.reg.get_txn(txn, ino)
+        if node is None or d.reg.is_dirty_txn(txn, ino):
+            return False
+        if not any((rc := d.reg.remote_copy(txn, m.index, ino)) is not None
+                   and rc.ver == node.ver for m in d.reg.mirrors):
+            return False
+        d.reg.set_local(txn, node, LOCAL_NONE)
+    d.store.remove(ino)
+    node = d.reg.get(ino)
+    assert node is not None
+    await d.fetcher.fetch_all(node)
+    return True
+
+
+async def _verify_remote(d: Daemon, ino: int, path: str, deep: bool, repair: bool,
+                         report: dict[str, list[str]]) -> None:
+    import xxhash
+
+    node = d.reg.get(ino)
+    if node is None:
+        return
+    for m in d.reg.mirrors:
+        with d.reg.db.begin() as txn:
+            rc = d.reg.remote_copy(txn, m.index, ino)
+        if rc is None:
+            continue
+        remote: Remote = d.remotes[m.name]
+        key = os.fsdecode(rc.path)
+        problem = None
+        try:
+            st = await remote.stat(key)
+            if st.size != rc.size:
+                problem = f"size {st.size} != {rc.size}"
+            elif st.meta is not None and st.meta.xxhash and rc.hash.strip(b"\0") and \
+                    st.meta.xxhash != rc.hash.hex():
+                problem = "hash metadata differs"
+            elif deep:
+                h = xxhash.xxh3_128()
+                async with remote.open_read(key) as stream:
+                    while chunk := await stream.read():
+                        h.update(chunk)
+                if rc.hash.strip(b"\0") and h.digest() != rc.hash:
+                    problem = "content does not match its xxhash"
+        except NotFound:
+            report["remote_missing"].append(f"{m.name}:{path}")
+            problem = "missing"
+        except MirrorfsError as exc:
+            log.warning("verify: %s unreachable for %r: %s", m.name, path, exc)
+            continue
+        if problem is None:
+            continue
+        if problem != "missing":
+            report["remote_bad"].append(f"{m.name}:{path}: {problem}")
+        log.warning("verify: copy of %r on %s: %s", path, m.name, problem)
+        if repair:
+            with d.reg.db.begin(write=True) as txn:
+                d.reg.drop_remote(txn, m.index, ino, rc.path)
+                d.reg.requeue(txn, ino, m.index)
+            report["repaired"].append(f"{m.name}:{path}")
+
