@@ -415,6 +415,33 @@ def test_s3_cancelled_multipart_is_aborted(moto: MotoS3, tmp_path: Path) -> None
     assert moto.client().list_multipart_uploads(Bucket=moto.bucket).get("Uploads", []) == []
 
 
+def test_s3_options(moto: MotoS3, tmp_path: Path) -> None:
+    """The botocore knobs are accepted and the storage class sticks through copies."""
+    data = os.urandom(6 * MiB)
+    src = write(tmp_path / "a", data)
+    make = s3_case(moto, storage_class="STANDARD_IA", signature_version="s3v4",
+                   request_checksum_calculation="when_required",
+                   response_checksum_validation="when_required", concurrency=2,
+                   connect_timeout=5, read_timeout=30, multipart_threshold=5 * MiB,
+                   multipart_chunksize=5 * MiB, verify_tls=True)
+    keys: list[str] = []
+
+    async def body(r: Remote) -> None:
+        assert isinstance(r, S3Remote)
+        await r.put("small", write(tmp_path / "s", b"s"), ObjectMeta(size=1))
+        await r.put("big", src, ObjectMeta(size=len(data)))
+        await r.rename("small", "moved")
+        await r.update_meta("big", ObjectMeta(size=len(data), mode=0o600))
+        assert await read_all(r, "big") == data
+        keys.extend(r.prefix + k for k in ("moved", "big"))
+
+    run(make, body)
+    client = moto.client()
+    for key in keys:
+        assert client.head_object(Bucket=moto.bucket, Key=key).get("StorageClass") == \
+            "STANDARD_IA"
+
+
 def test_s3_key_rejections(moto: MotoS3) -> None:
     async def body(r: Remote) -> None:
         r.check_key("a" * (1024 - len("t-xxxxxxxx/")))
@@ -617,6 +644,13 @@ def test_ftp_cancelled_trio_caller(ftp_case: Case, tmp_path: Path) -> None:
             cancelled += scope.cancelled_caught
         await r.put("small", write(tmp_path / "s", b"s"), ObjectMeta(size=1))
         assert await read_all(r, "small") == b"s"
+        # cancels that land while a download opens must not keep the only connection
+        for i in range(30):
+            with trio.move_on_after(i * 0.0003):
+                async with r.open_read("small") as stream:
+                    await stream.read()
+            with trio.fail_after(5):
+                assert (await r.stat("small")).size == 1
 
     run(ftp_case, body, connections=1, timeout=30)
     assert cancelled >= 3

@@ -229,7 +229,16 @@ class _FtpReadStream(ReadStream):
 
     async def _open(self) -> None:
         if not self._opened and not self._eof:
-            await self._remote._open_transfer(self._tid, self._parts, self._start, self._length)
+            try:
+                await self._remote._open_transfer(self._tid, self._parts, self._start,
+                                                  self._length)
+            except BaseException:
+                # Cancelled just as the transfer was registered on the asyncio side: nobody
+                # would close it (a failed __aenter__ gets no __aexit__), and it holds a
+                # pooled connection.
+                with trio.CancelScope(shield=True):
+                    await self.aclose()
+                raise
             self._opened = True
 
     async def read(self) -> bytes:
@@ -282,6 +291,7 @@ class FtpRemote(Remote):
         self._thread: threading.Thread | None = None
         self._pool: _Pool | None = None
         self._transfers: dict[int, _Transfer] = {}
+        self._opening: dict[int, asyncio.Task[Any]] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         self._epsv = True  # until the server says it does not know EPSV
         self._tids = itertools.count()
@@ -730,6 +740,19 @@ class FtpRemote(Remote):
 
     async def _a_open_transfer(self, tid: int, parts: list[str], start: int,
                                length: int | None) -> None:
+        # Python 3.11's wait_for (inside aioftp) can swallow a cancellation that lands as a
+        # reply arrives, so a "cancelled" open may still register its transfer: the close
+        # waits for this task, whatever became of it.
+        task = asyncio.current_task()
+        assert task is not None and self._pool is not None
+        self._opening[tid] = task
+        try:
+            await self._a_open_transfer_now(tid, parts, start, length)
+        finally:
+            del self._opening[tid]
+
+    async def _a_open_transfer_now(self, tid: int, parts: list[str], start: int,
+                                   length: int | None) -> None:
         assert self._pool is not None
         pool = self._pool
         client = await pool.acquire()
@@ -787,6 +810,9 @@ class FtpRemote(Remote):
         transfer (pyftpdlib) may answer a NOOP before it. A NOOP, read up to its 200, then
         skips anything more (426 followed by 226, as some servers do).
         """
+        opening = self._opening.get(tid)
+        if opening is not None:
+            await asyncio.wait([opening])
         t = self._transfers.pop(tid, None)
         if t is None:
             return
