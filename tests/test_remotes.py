@@ -613,21 +613,30 @@ def test_ftp_silent_server_times_out() -> None:
 
 
 def test_ftp_server_restart(tmp_path: Path) -> None:
-    """Pooled connections die with the server; the next call reconnects (after a retry)."""
+    """Pooled connections die with the server. The first call after a restart reconnects by
+    itself (RemoteUnavailable is not retried by @retry); while it is down, calls fail fast."""
     with PyFtpd(tmp_path / "root") as server:
         src = write(tmp_path / "a", b"abc")
 
         async def body(r: Remote) -> None:
-            await r.put("one", src, ObjectMeta(size=3))
+            async with trio.open_nursery() as nursery:  # two pooled connections
+                nursery.start_soon(r.put, "one", src, ObjectMeta(size=3))
+                nursery.start_soon(r.put, "two", src, ObjectMeta(size=3))
+            await trio.to_thread.run_sync(server.restart)
+            await r.put("three", src, ObjectMeta(size=3))
+            assert await read_all(r, "one") == b"abc"
             await trio.to_thread.run_sync(server.stop)
             with pytest.raises(RemoteUnavailable):
                 await r.probe()
+            with pytest.raises(RemoteUnavailable):
+                await r.put("four", src, ObjectMeta(size=3))
             (server.root / "written-while-down").write_bytes(b"x")
             await trio.to_thread.run_sync(server.start)
-            await r.put("two", src, ObjectMeta(size=3))
-            assert await all_keys(r) == ["one", "two", "written-while-down"]
+            await r.put("five", src, ObjectMeta(size=3))
+            assert await all_keys(r) == ["five", "one", "three", "two", "written-while-down"]
 
         run(lambda **o: FtpRemote("f", server.options()), body)
+    assert not [p for p in (tmp_path / "root").iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
 def test_ftp_cancelled_trio_caller(ftp_case: Case, tmp_path: Path) -> None:

@@ -119,8 +119,8 @@ def _hang_up(stream: aioftp.DataConnectionThrottleStreamIO) -> None:
 class _Transfer:
     """A download in progress: the client is out of the pool until the transfer is closed."""
 
-    client: aioftp.Client
-    stream: aioftp.DataConnectionThrottleStreamIO
+    client: _Client
+    stream: aioftp.DataConnectionThrottleStreamIO | None  # None: nothing to read
     left: int | None
 
 
@@ -163,29 +163,41 @@ class _LocalFile:
             close_now()
 
 
+class _Client(aioftp.Client):
+    """aioftp's client, counting the replies read (to tell a dead pooled connection apart)."""
+
+    replies = 0
+
+    async def parse_line(self) -> tuple[aioftp.Code, str]:
+        line = await super().parse_line()
+        self.replies += 1
+        return line
+
+
 class _Pool:
     """Logged-in clients of one remote; lives on (and is only touched from) the asyncio loop."""
 
     def __init__(self, remote: FtpRemote) -> None:
         self._remote = remote
-        self._idle: list[tuple[aioftp.Client, float]] = []
+        self._idle: list[tuple[_Client, float]] = []
         self._sem = asyncio.Semaphore(remote.connections)
         self.closed = False
 
-    async def acquire(self) -> aioftp.Client:
+    async def acquire(self) -> tuple[_Client, bool]:
+        """A logged-in client, and whether it was reused from the pool."""
         await self._sem.acquire()
         try:
             while self._idle:
                 client, since = self._idle.pop()
                 if time.monotonic() - since < IDLE_CHECK_S or await self._alive(client):
-                    return client
+                    return client, True
                 client.close()
-            return await self._remote._a_connect()
+            return await self._remote._a_connect(), False
         except BaseException:
             self._sem.release()
             raise
 
-    def release(self, client: aioftp.Client, reusable: bool) -> None:
+    def release(self, client: _Client, reusable: bool) -> None:
         if reusable and not self.closed:
             self._idle.append((client, time.monotonic()))
         else:
@@ -392,8 +404,8 @@ class FtpRemote(Remote):
                 raise RemoteUnavailable(f"{where}: {exc.strerror}") from None
             raise
 
-    async def _a_connect(self) -> aioftp.Client:
-        client = aioftp.Client(socket_timeout=self.timeout, connection_timeout=self.timeout,
+    async def _a_connect(self) -> _Client:
+        client = _Client(socket_timeout=self.timeout, connection_timeout=self.timeout,
                                path_timeout=self.timeout, encoding="utf-8")
         try:
             await client.connect(self.host, self.port)
@@ -413,28 +425,42 @@ class FtpRemote(Remote):
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    async def _a_with_client(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``fn(client, *args)`` with a pooled client, keeping it only if still in sync.
+    async def _a_with_client(self, fn: Callable[..., Awaitable[T]], *args: Any,
+                             hold: bool = False) -> T:
+        """Run ``fn(client, *args)`` with a pooled client, keeping it only if still in step.
 
         A clean error reply leaves the control connection usable; anything else (a timeout, a
         cancellation mid-transfer) may leave replies in flight, so the connection is dropped.
+        A pooled connection the server closed while it was idle (restart, idle timeout) fails
+        before any reply; nothing reached the server then, so ``fn`` runs again on a new
+        connection instead of reporting the mirror down. With ``hold`` a successful ``fn``
+        keeps the client (it stored it somewhere that releases it later).
         """
         assert self._pool is not None
         pool = self._pool
-        client = await pool.acquire()
-        reusable = False
-        try:
-            result = await fn(client, *args)
-            reusable = True
-            return result
-        except aioftp.StatusCodeError as exc:
-            reusable = _in_step(exc)
-            raise
-        except MirrorfsError:
-            reusable = True
-            raise
-        finally:
-            pool.release(client, reusable)
+        while True:
+            client, reused = await pool.acquire()
+            replies = client.replies
+            release: bool | None = False  # True: back to the pool; None: fn keeps it
+            try:
+                result = await fn(client, *args)
+                release = None if hold else True
+                return result
+            except (ConnectionError, EOFError) as exc:
+                if reused and client.replies == replies:
+                    log.debug("mirror %s: pooled connection was closed (%r); reconnecting",
+                              self.name, exc)
+                    continue
+                raise
+            except aioftp.StatusCodeError as exc:
+                release = _in_step(exc)
+                raise
+            except MirrorfsError:
+                release = True
+                raise
+            finally:
+                if release is not None:
+                    pool.release(client, release)
 
     async def _a_data(self, client: aioftp.Client, command: str,
                       offset: int = 0) -> aioftp.DataConnectionThrottleStreamIO:
@@ -511,7 +537,7 @@ class FtpRemote(Remote):
 
     # -- operations (asyncio side) ---------------------------------------------------------
 
-    async def _a_store(self, client: aioftp.Client, dir_parts: list[str], name: str,
+    async def _a_store(self, client: _Client, dir_parts: list[str], name: str,
                        read: Callable[[], Awaitable[bytes]]) -> tuple[int, str]:
         """Upload what ``read()`` returns (until b"") to a temp name, then rename it in place.
 
@@ -520,6 +546,7 @@ class FtpRemote(Remote):
         """
         final = self._path([*dir_parts, name])
         tmp = self._path([*dir_parts, TMP_PREFIX + secrets.token_hex(8)])
+        replies = client.replies
         try:
             try:
                 stream = await self._a_data(client, "STOR " + tmp)
@@ -545,7 +572,7 @@ class FtpRemote(Remote):
                                                   and _in_step(exc)):
                 with contextlib.suppress(aioftp.StatusCodeError):
                     await client.command("DELE " + tmp, "2xx")
-            else:
+            elif client.replies > replies:  # the server heard us: the temp file may exist
                 self._spawn_cleanup(tmp)
             raise
         return size, h.hexdigest()
@@ -585,7 +612,7 @@ class FtpRemote(Remote):
         await client.command("RNFR " + src, "350")
         await client.command("RNTO " + dst, "2xx")
 
-    async def _a_put(self, client: aioftp.Client, parts: list[str],
+    async def _a_put(self, client: _Client, parts: list[str],
                      local_path: str) -> PutResult:
         source = _LocalFile(local_path)
         try:
@@ -714,7 +741,7 @@ class FtpRemote(Remote):
         await walk(start_parts, start + "/" if start else "")
         return page
 
-    async def _a_probe(self, client: aioftp.Client) -> None:
+    async def _a_probe(self, client: _Client) -> None:
         payload = secrets.token_bytes(64)
         name = PROBE_PREFIX + secrets.token_hex(8)
         blocks = [b"", payload]
@@ -753,26 +780,28 @@ class FtpRemote(Remote):
 
     async def _a_open_transfer_now(self, tid: int, parts: list[str], start: int,
                                    length: int | None) -> None:
-        assert self._pool is not None
-        pool = self._pool
-        client = await pool.acquire()
+        await self._a_with_client(self._a_start_download, tid, parts, start, length, hold=True)
+
+    async def _a_start_download(self, client: _Client, tid: int, parts: list[str],
+                                start: int, length: int | None) -> None:
+        """RETR from ``start``; the transfer (and the client with it) is kept under ``tid``."""
+        stream: aioftp.DataConnectionThrottleStreamIO | None
         try:
             stream = await self._a_data(client, "RETR " + self._path(parts), start)
         except aioftp.StatusCodeError as exc:
-            pool.release(client, _in_step(exc))
             if _is(exc, "550"):
                 raise NotFound(f"mirror {self.name}: {'/'.join(parts)}") from None
-            if start and _is(exc, "554"):
-                return  # REST past the end of the file: nothing to read, like a short file
-            raise
-        except BaseException:
-            pool.release(client, False)
-            raise
+            if not (start and _is(exc, "554")):
+                raise
+            stream = None  # REST past the end of the file: nothing to read, as at EOF
         self._transfers[tid] = _Transfer(client, stream, length)
 
     async def _a_read(self, tid: int) -> bytes:
         t = self._transfers.get(tid)
         if t is None:
+            return b""
+        if t.stream is None:
+            self._drop_transfer(tid, reusable=True)
             return b""
         want = BLOCK_SIZE if t.left is None else min(BLOCK_SIZE, t.left)
         chunks: list[bytes] = []
@@ -816,6 +845,9 @@ class FtpRemote(Remote):
         t = self._transfers.pop(tid, None)
         if t is None:
             return
+        if t.stream is None:
+            self._pool_release(t.client, True)
+            return
         _hang_up(t.stream)
         try:
             await asyncio.wait_for(self._a_resync(t.client), min(self.timeout, RESYNC_TIMEOUT_S))
@@ -841,10 +873,11 @@ class FtpRemote(Remote):
     def _drop_transfer(self, tid: int, reusable: bool) -> None:
         t = self._transfers.pop(tid, None)
         if t is not None:
-            _hang_up(t.stream)
+            if t.stream is not None:
+                _hang_up(t.stream)
             self._pool_release(t.client, reusable)
 
-    def _pool_release(self, client: aioftp.Client, reusable: bool) -> None:
+    def _pool_release(self, client: _Client, reusable: bool) -> None:
         assert self._pool is not None
         self._pool.release(client, reusable)
 
