@@ -357,10 +357,24 @@ async def cmd_backfill(d: Daemon, req: dict[str, Any], progress: Progress) -> An
             txn.put(key, U64.pack(last), db=cursors)
         after = last
         await progress({"queued": total, "ino": last})
-        await trio.sleep(0)
+        await _throttle(d, name, idx, 2 * batch)
     if d.uploader is not None:
         d.uploader.kick()
     return {"queued": total, "resumed": resumed}
+
+
+async def _throttle(d: Daemon, name: str, idx: int, most: int) -> None:
+    """Let a running mirror's queue drain below ``most`` jobs before queueing more, so a
+    migration of millions of files never holds millions of jobs at once."""
+    if d.uploader is None:
+        return
+    state = d.uploader.by_name(name)[0]
+    while state.up and not state.paused and not d.uploader.draining:
+        with d.reg.db.begin() as txn:
+            if get_counter(txn, d.reg.counters, b"m%d.jobs" % idx) < most:
+                return
+        await trio.sleep(0.05)
+    await trio.sleep(0)
 
 
 async def cmd_url(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:

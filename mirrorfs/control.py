@@ -87,6 +87,9 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
                 continue
             try:
                 result = await fn(daemon, req, lambda p: send({"progress": p}))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.info("control command %s stopped: the client went away", name)
+                return
             except (LookupError, ValueError, OSError) as exc:
                 await send({"ok": False, "error": str(exc)})
             except Exception as exc:

@@ -53,6 +53,7 @@ class Daemon:
     fetcher: Any = None
     space: Any = None
     stats: Any = None
+    probes: dict[str, Any] = field(default_factory=dict)
     stopping: bool = False
 
 
@@ -158,13 +159,15 @@ async def watch_signals(daemon: Daemon) -> None:
 async def serve(cfg: Config, mountpoint: str, options: list[str],
                 ready: Callable[[], None] = lambda: None) -> None:
     """Run the mount until it is unmounted or signalled."""
+    from mirrorfs.workers import open_and_probe, start_workers
+
     lock_fd = lock_cache_dir(cfg.cache_dir)
+    remotes, probes = await open_and_probe(cfg)
     db, reg, store, clean = open_registry(cfg)
     replay_journal(reg, store, clean)
     ops = Operations(reg, store, attr_timeout=cfg.attr_timeout, xattrs=cfg.xattrs,
                      readonly="ro" in mount_options(cfg, options))
-    daemon = Daemon(cfg, mountpoint, db, reg, store, ops)
-    from mirrorfs.workers import start_workers
+    daemon = Daemon(cfg, mountpoint, db, reg, store, ops, remotes=remotes, probes=probes)
 
     opts = mount_options(cfg, options)
     try:

@@ -89,11 +89,25 @@ def install_virtual_xattrs(daemon: Daemon) -> None:
     ops.virtual_xattr_names = names  # type: ignore[method-assign]
 
 
+async def open_and_probe(cfg: Config) -> tuple[dict[str, Remote],
+                                                dict[str, tuple[str, str, float]]]:
+    """Build the remotes and probe each: a permanent error (no such bucket, access denied)
+    is a config error and stops the mount; an unreachable mirror is a warning."""
+    remotes = open_remotes(cfg)
+    probes = await probe_all(remotes)
+    for name, (status, detail, _secs) in probes.items():
+        if status == "error":
+            await close_remotes(remotes)
+            raise ConfigError(cfg.path, f"mirrors.{name}", detail)
+        if status == "unreachable":
+            log.warning("mirror %s is unreachable at start (%s); its queue waits", name, detail)
+    return remotes, probes
+
+
 async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
     cfg, reg, store, ops = daemon.cfg, daemon.reg, daemon.store, daemon.ops
-    remotes = open_remotes(cfg)
-    daemon.remotes = dict(remotes)
-    probes = await probe_all(remotes)
+    remotes = daemon.remotes
+    probes = daemon.probes
     stats = RuntimeStats()
     daemon.stats = stats
     rules = {r.name: r for r in reg.mirrors}
@@ -102,11 +116,7 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
                           up=probes[m.name][0] == "ok", last_error=probes[m.name][1]
                           if probes[m.name][0] != "ok" else "")
               for m in cfg.mirrors]
-    for name, (status, detail, _secs) in probes.items():
-        if status == "error":
-            raise ConfigError(cfg.path, f"mirrors.{name}", detail)
-        if status == "unreachable":
-            log.warning("mirror %s is unreachable at start (%s); its queue waits", name, detail)
+
     space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
                   dirty_limit=cfg.dirty_limit)
     uploader = await Uploader.create(reg, store, ops, states, nursery)
