@@ -34,7 +34,7 @@ import xxhash
 from pyfuse3 import FUSEError
 
 from mirrorfs.cache.db import LOCAL_FULL, U64, Inode, RemoteCopy
-from mirrorfs.errors import IntegrityError, MirrorfsError
+from mirrorfs.errors import IntegrityError, MirrorfsError, RemoteError, RemoteUnavailable
 from mirrorfs.hashing import chunk_digest
 from mirrorfs.remotes.base import CHUNK_SIZE, Remote
 
@@ -326,6 +326,8 @@ class Fetcher:
                 except (MirrorfsError, OSError) as exc:
                     tried.append(f"{src.name}: {exc}")
                     log.info("download of %s from %s failed: %s", src.key, src.name, exc)
+                    if isinstance(exc, RemoteError) and not isinstance(exc, RemoteUnavailable):
+                        continue  # a stream broken mid-way: resume at the first missing chunk
                     break
                 if all(dl.verified):
                     if await self._finish(dl, src):
