@@ -465,6 +465,26 @@ def test_s3_missing_bucket_is_permanent(moto: MotoS3) -> None:
     run(lambda **o: S3Remote("s3m", moto.options(bucket="no-such-bucket")), body)
 
 
+def test_s3_server_restart(tmp_path: Path) -> None:
+    """Down: calls fail fast with RemoteUnavailable. Back: the same remote works again."""
+    src = write(tmp_path / "a", b"abc")
+    with MotoS3() as server:
+        async def body(r: Remote) -> None:
+            await r.put("one", src, ObjectMeta(size=3))
+            await trio.to_thread.run_sync(server.stop)
+            t0 = time.monotonic()
+            with pytest.raises(RemoteUnavailable):
+                await r.put("two", src, ObjectMeta(size=3))
+            with pytest.raises(RemoteUnavailable):
+                await read_all(r, "one")
+            assert time.monotonic() - t0 < 2
+            await trio.to_thread.run_sync(server.start)
+            await r.put("two", src, ObjectMeta(size=3))
+            assert await all_keys(r) == ["one", "two"]
+
+        run(lambda **o: S3Remote("s3m", server.options(prefix="restart/")), body)
+
+
 def test_s3_unreachable(tmp_path: Path) -> None:
     options = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "bucket": "b",
                "access_key_id": "x", "secret_access_key": "y"}

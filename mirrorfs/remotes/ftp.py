@@ -823,6 +823,9 @@ class FtpRemote(Remote):
             self._transfers.pop(tid)
             try:
                 await t.stream.finish()
+            except aioftp.StatusCodeError as exc:
+                self._pool_release(t.client, _in_step(exc))
+                raise
             except BaseException:
                 self._pool_release(t.client, False)
                 raise
