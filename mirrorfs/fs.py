@@ -101,7 +101,8 @@ class Operations(pyfuse3.Operations):
         self.on_commit: Callable[[Inode], None] = lambda node: None
 
     def is_open(self, ino: int) -> bool:
-        return ino in self.open_files
+        return ino in self.open_files or (self.fetcher is not None
+                                          and self.fetcher.has_handles(ino))
 
     # ------------------------------------------------------------ attributes
 
@@ -374,7 +375,9 @@ class Operations(pyfuse3.Operations):
         of = self.open_files.get(fh)
         if of is None:
             if self.fetcher is not None and self.fetcher.owns(fh):
-                self.fetcher.release(fh)
+                ino = self.fetcher.release(fh)
+                if ino is not None and not self.is_open(ino):
+                    self._release_orphan(ino)
             return
         self._commit_if_dirty(of)
         of.refs -= 1
@@ -382,9 +385,14 @@ class Operations(pyfuse3.Operations):
             return
         del self.open_files[fh]
         os.close(of.fd)
-        node = self.reg.get(fh)
-        if node is not None and node.flags & F_ORPHAN and self.reg.release_orphan(fh):
-            self.store.remove(fh)
+        if not self.is_open(fh):
+            self._release_orphan(fh)
+
+    def _release_orphan(self, ino: int) -> None:
+        """The last handle on ``ino`` closed: an unlinked file's content may go now."""
+        node = self.reg.get(ino)
+        if node is not None and node.flags & F_ORPHAN and self.reg.release_orphan(ino):
+            self.store.remove(ino)
 
     # ------------------------------------------------------------ directories
 

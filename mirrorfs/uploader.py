@@ -311,6 +311,9 @@ class Uploader:
             owner = self._owner(txn, m, want) if want is not None else None
         if want is None:
             if rc is not None:
+                if node is not None and node.local != LOCAL_FULL and self.reg.is_open(ino):
+                    # Unlinked while a reader streams it: the object is its only copy.
+                    raise Defer("remote-only file still open for reading", 1.0)
                 self._take_keys(m, ino, rc.path)
                 await self._delete(m, ino, rc)
             return
@@ -339,6 +342,9 @@ class Uploader:
             other_want = self._wanted_path(txn, m, other)
             if other is not None and other_want == path:
                 raise Defer(f"key {path!r} still belongs to inode {owner}", 1.0)
+            if (other is not None and other.local != LOCAL_FULL
+                    and self.reg.is_open(owner)):
+                raise Defer(f"key {path!r} holds inode {owner}, still open for reading", 1.0)
             recoverable = (other is None or other.flags & F_ORPHAN or other_want is None
                            or other.local == LOCAL_FULL)
             if not recoverable:

@@ -22,6 +22,7 @@ complete verified file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -33,7 +34,7 @@ import trio
 import xxhash
 from pyfuse3 import FUSEError
 
-from mirrorfs.cache.db import LOCAL_FULL, U64, Inode, RemoteCopy
+from mirrorfs.cache.db import F_ORPHAN, LOCAL_FULL, U64, Inode, RemoteCopy
 from mirrorfs.errors import IntegrityError, MirrorfsError, RemoteError, RemoteUnavailable
 from mirrorfs.hashing import chunk_digest
 from mirrorfs.remotes.base import CHUNK_SIZE, Remote
@@ -134,12 +135,17 @@ class Fetcher:
         self.handles[self._next_fh] = node.ino
         return self._next_fh
 
-    def release(self, fh: int) -> None:
+    def release(self, fh: int) -> int | None:
+        """Close a handle; returns the inode it was open on."""
         ino = self.handles.pop(fh, None)
         dl = self.downloads.get(ino) if ino is not None else None
         if dl is not None:
             dl.handles -= 1
             self._maybe_forget(dl)
+        return ino
+
+    def has_handles(self, ino: int) -> bool:
+        return ino in self.handles.values()
 
     def _maybe_forget(self, dl: Download) -> None:
         if dl.handles <= 0 and (dl.done or dl.error):
@@ -383,9 +389,13 @@ class Fetcher:
         await trio.to_thread.run_sync(os.fsync, dl.fd)
         with self.reg.db.begin(write=True) as txn:
             node = self.reg.get_txn(txn, dl.ino)
-            if node is None or node.ver != dl.ver or node.local == LOCAL_FULL:
-                # Deleted, changed or already local meanwhile: these bytes are not wanted.
-                os.unlink(self.store.part_path(dl.ino))
+            if (node is None or node.ver != dl.ver or node.local == LOCAL_FULL
+                    or node.flags & F_ORPHAN):
+                # Deleted, changed or already local meanwhile: these bytes are not wanted
+                # (readers that still hold the unlinked file read on from dl.fd). The
+                # unlink may have removed the .part file already.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.store.part_path(dl.ino))
             else:
                 os.rename(self.store.part_path(dl.ino), self.store.path(dl.ino))
                 self.reg.set_local(txn, node, LOCAL_FULL)
