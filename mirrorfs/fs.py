@@ -311,13 +311,14 @@ class Operations(pyfuse3.Operations):
                                                            pyfuse3.EntryAttributes]:
         self._check_writable()
         node = self.reg.mknode(parent_inode, name, stat.S_IFREG | (mode & 0o7777),
-                               ctx.uid, ctx.gid)
+                               ctx.uid, ctx.gid, opened=True)
         try:
             of = self._open_file(node.ino, create=True)
         except OSError:
             self.reg.unlink(parent_inode, name, want_dir=False)
             raise
         of.writers += 1
+        of.dirty = True  # committed (and journaled) at the first flush, even if empty
         if self.space is not None:
             self.space.touch(node.ino)
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._attrs(node)

@@ -101,6 +101,9 @@ def _check_node(reg: Registry, store: Store, node: Inode, path: str | None,
     if node.local != LOCAL_FULL:
         return
     size = store.size(node.ino) if path is not None else None
+    if node.flags & F_OPEN_WRITE and size is None:
+        store.create_empty(node.ino)  # created, then the crash came before its content file
+        size = 0
     if node.flags & F_OPEN_WRITE and size is not None:
         reg.commit_content(node.ino, size)
         counts["reopened"] += 1

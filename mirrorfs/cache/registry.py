@@ -24,6 +24,7 @@ import lmdb
 from mirrorfs.cache.db import (
     F_OPEN_WRITE,
     F_ORPHAN,
+    JOB_CLAIMED,
     LOCAL_FULL,
     LOCAL_NONE,
     MQ,
@@ -287,7 +288,9 @@ class Registry:
         return d
 
     def mknode(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-               rdev: int = 0, target: bytes = b"") -> Inode:
+               rdev: int = 0, target: bytes = b"", opened: bool = False) -> Inode:
+        """Create an entry. ``opened``: a regular file created by create(2), open for writing;
+        it is journaled when its handle first commits (one transaction less per new file)."""
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         now = now_ns()
@@ -303,7 +306,8 @@ class Registry:
             is_dir = stat.S_ISDIR(mode)
             size = len(target) if stat.S_ISLNK(mode) else 0
             node = Inode(ino, parent, mode, uid, gid, 2 if is_dir else 1, size, now, now, now,
-                         rdev=rdev, ver=1, local=LOCAL_FULL, name=name, target=target)
+                         rdev=rdev, ver=1, local=LOCAL_FULL, name=name, target=target,
+                         flags=F_OPEN_WRITE if opened else 0)
             self._put(txn, node)
             txn.put(dentry_key(parent, name), U64.pack(ino), db=self.dentries)
             d.mtime_ns = d.ctime_ns = now
@@ -315,7 +319,8 @@ class Registry:
             else:
                 bump_counter(txn, self.counters, b"files", 1)
                 bump_counter(txn, self.counters, b"local_files", 1)
-                self._journal(txn, node, self.path_txn(txn, node))
+                if not opened:
+                    self._journal(txn, node, self.path_txn(txn, node))
             self._put(txn, d)
         return node
 
@@ -429,6 +434,14 @@ class Registry:
         node.flags |= F_ORPHAN
         node.ctime_ns = now
         self._put(txn, node)
+        # A mirror that never got the file needs to hear nothing: created and deleted inside
+        # the cool-down costs no remote operation and leaves no job. (A job in flight stays:
+        # its upload may land, and the delete must follow it.)
+        for m in self.mirrors:
+            job = self.journal.get(txn, m.index, node.ino)
+            if (job is not None and job.state != JOB_CLAIMED
+                    and txn.get(MQ.pack(m.index, node.ino), db=self.remote) is None):
+                self.journal.drop(txn, m.index, node.ino)
         self._journal(txn, node, None, delete=True)
         if not self.is_open(node.ino):
             if not self._has_remote(txn, node.ino) and not self.is_dirty_txn(txn, node.ino):

@@ -16,7 +16,7 @@ import abc
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -121,6 +121,10 @@ class Remote(abc.ABC):
     name: str
 
     @abc.abstractmethod
+    def __init__(self, name: str, options: dict[str, Any]) -> None:
+        """``options``: the mirror's validated config section (plain values, sizes in bytes)."""
+
+    @abc.abstractmethod
     def check_key(self, key: str) -> None:
         """Raise InvalidKey if this mirror cannot store ``key``. Pure, no I/O."""
 
@@ -178,7 +182,7 @@ T = TypeVar("T")
 
 def retry(
     attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0
-) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], Callable[P, Coroutine[Any, Any, T]]]:
     """Retry a remote coroutine on RemoteError with exponential backoff and full jitter.
 
     The log level rises with the attempt number so that one blip stays quiet and a mirror
@@ -186,7 +190,7 @@ def retry(
     straight through.
     """
 
-    def deco(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    def deco(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             for attempt in range(1, attempts + 1):
