@@ -1,10 +1,11 @@
 """An S3 bucket (AWS or any S3-compatible server) as a mirror, through boto3.
 
 Owns one boto3 client per mirror (thread-safe, created on first use) and two CapacityLimiters:
-``_limiter`` bounds the threads blocked in boto3 and is sized to botocore's connection pool, so
-a thread never waits for a connection inside boto3; ``_disk_limiter`` bounds the threads reading
-the local file for an upload. Every botocore exception is translated here (``_translate``), so
-nothing above this module ever sees one.
+``_limiter`` bounds the threads blocked in boto3 and botocore's connection pool has room for
+all of them plus the streams being read, so a thread never waits for a connection inside
+boto3; ``_disk_limiter`` bounds the threads reading the local file for an upload. Every
+botocore exception is translated here (``_translate``), so nothing above this module ever
+sees one.
 
 One object per key, under ``prefix``, with ObjectMeta as user metadata: the bucket stays
 readable as plain files by a web server or CDN.
@@ -58,6 +59,9 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 #: Bytes per read() of a ReadStream.
 READ_BLOCK = MiB
+#: Pooled connections beyond the thread limiter: an open ReadStream holds one between its
+#: reads, outside the limiter (one per download in progress).
+STREAM_CONNECTIONS = 16
 #: S3's limits: smallest part but the last, most parts, largest single PUT or copy.
 MIN_PART = 5 * MiB
 MAX_PARTS = 10_000
@@ -181,7 +185,7 @@ class S3Remote(Remote):
             region_name=o.get("region", "us-east-1"),
         )
         cfg: dict[str, Any] = {
-            "max_pool_connections": self.concurrency,
+            "max_pool_connections": self.concurrency + STREAM_CONNECTIONS,
             # One retry policy, ours (@retry): botocore's own would multiply the attempts.
             "retries": {"mode": "standard", "total_max_attempts": 1},
             "s3": {"addressing_style": o.get("addressing_style", "auto")},
