@@ -369,3 +369,19 @@ def test_notify_socket_gets_ready_and_stopping(make_mount: Any, tmp_path: Path) 
 
 
 
+
+
+def test_example_config_documents_every_key_and_parses(tmp_path: Path) -> None:
+    from mirrorfs.config import COMMON_MIRROR, MIRROR_OPTIONS, TOP_OPTIONS, load_config
+
+    text = (REPO / "mirrorfs.conf.example").read_text()
+    for key in [*TOP_OPTIONS, *COMMON_MIRROR, *(k for o in MIRROR_OPTIONS.values() for k in o)]:
+        assert f"{key} =" in text or key == "mirrors", key
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t\n")
+    cfg = tmp_path / "example.toml"
+    cfg.write_text(text.replace("/etc/mirrorfs/s3.secret", str(secret))
+                   .replace("/etc/mirrorfs/ftp.secret", str(secret)))
+    c = load_config(str(cfg))
+    assert [m.type for m in c.mirrors] == ["s3", "ftp", "dir"]
+    assert c.mirrors[0].options["secret_access_key"] == "s3cr3t"
