@@ -126,6 +126,9 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
             mirrors[m.name] = ms
         out["mirrors"] = mirrors
         out["journal_length"] = journal
+    from mirrorfs.pull import sync_stats
+
+    out["pull"] = sync_stats(d)
     out["cache_size"] = d.cfg.cache_size
     out["dirty_limit"] = d.cfg.dirty_limit
     out["online"] = d.uploader is not None

@@ -19,7 +19,8 @@ from mirrorfs.config import Config, load_config
 from mirrorfs.control import ControlClient
 from mirrorfs.errors import ConfigError
 
-OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url"}
+OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url",
+              "conflicts"}
 
 
 class AdminError(Exception):
@@ -190,7 +191,10 @@ def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
         async def progress(p: dict[str, Any]) -> None:
             Progress()(p)
 
-        return trio.run(COMMANDS[cmd], d, req, progress)
+        from mirrorfs.pull import cmd_conflicts
+
+        commands = {**COMMANDS, "conflicts": cmd_conflicts}
+        return trio.run(commands[cmd], d, req, progress)
     finally:
         db.flush()
         db.close()
@@ -289,6 +293,18 @@ def a_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def a_conflicts(args: argparse.Namespace) -> int:
+    result = call(args, "conflicts")
+    if args.json:
+        emit(args, result)
+        return 0
+    for c in result:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"]))
+        print(f"{when}  {c['path']}: {c['winner']} won; {c['loser']}'s version kept as "
+              f"{c['conflict_path']}  (mirror {c['mirror']})")
+    return 0
+
+
 def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     def cmd(name: str, fn: Any, help: str, paths: bool = False,
             mirror: str | None = None) -> argparse.ArgumentParser:
@@ -348,6 +364,9 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--deep", action="store_true", help="with --remote: read whole objects")
     p.add_argument("--repair", action="store_true",
                    help="re-download bad cached copies, re-upload missing or bad mirror copies")
+    cmd("pull", simple("pull", mirror="mirror"),
+        "apply other nodes' changes now (mirrors with pull = true)", mirror="optional")
+    cmd("conflicts", a_conflicts, "the conflict log: what lost, and where it was kept")
     p = cmd("url", a_url, "public URL of a file on a mirror")
     p.add_argument("path")
     p.add_argument("mirror", nargs="?")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Callable
@@ -122,7 +123,7 @@ TOP_OPTIONS: dict[str, Opt] = {
                "trip per write(2), see README"),
     "attr_timeout": (_duration, 5.0, "seconds the kernel may cache attributes and entries"),
     "read_order": (_str_list, (), "mirror names to read from, first healthy wins"),
-    "node_id": (_str, "", "this node's identity for multi-node pulls"),
+    "node_id": (_str, "", "this node's identity for multi-node pulls (default: host name)"),
     "mirrors": (lambda v: v, {}, "one table per mirror"),
 }
 
@@ -135,6 +136,12 @@ COMMON_MIRROR: dict[str, Opt] = {
     "delete_delay": (_duration, 3600.0, "seconds a delete waits under delete_policy=delayed"),
     "concurrency": (_pos_int, 4, "parallel transfers to this mirror"),
     "url_base": (_url, None, "public URL prefix for `mirrorfs url`"),
+    "pull": (_bool, False, "apply other nodes' changes on this mirror (multi-node)"),
+    "pull_interval": (_duration, 30.0, "seconds between pulls"),
+    "pull_batch": (_pos_int, 1000, "keys per pull step"),
+    "rescan_interval": (_duration, 600.0,
+                        "seconds between listing passes that find objects written by others"),
+    "leader": (_str, "remote", "whose version wins a conflict: a node_id, or remote"),
 }
 
 MIRROR_OPTIONS: dict[str, dict[str, Opt]] = {
@@ -193,6 +200,11 @@ class MirrorConfig:
     delete_delay: float
     concurrency: int
     url_base: str | None
+    pull: bool
+    pull_interval: float
+    pull_batch: int
+    rescan_interval: float
+    leader: str
     options: dict[str, Any] = field(hash=False, compare=False)
 
     def identity(self) -> str:
@@ -299,6 +311,8 @@ def load_config(path: str) -> Config:
     base = os.path.dirname(os.path.abspath(path))
     cache_dir = os.path.join(base, os.path.expanduser(values.pop("cache_dir")))
     _warn_if_secret_readable(path, mirrors_raw)
+    if not values["node_id"]:
+        values["node_id"] = socket.gethostname()
     return Config(path=os.path.abspath(path), cache_dir=os.path.normpath(cache_dir),
                   mirrors=mirrors, **values)
 

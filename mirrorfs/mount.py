@@ -54,6 +54,7 @@ class Daemon:
     space: Any = None
     stats: Any = None
     probes: dict[str, Any] = field(default_factory=dict)
+    syncs: list[Any] = field(default_factory=list)
     stopping: bool = False
 
 

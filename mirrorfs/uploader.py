@@ -106,6 +106,7 @@ class MirrorState:
     remote: Remote
     concurrency: int
     paused: bool = False
+    publish: bool = False  # multi-node: record finished changes for the change log
     up: bool = True
     last_error: str = ""
     in_flight: set[int] = field(default_factory=set)
@@ -356,11 +357,23 @@ class Uploader:
                 self.reg.journal.touch(txn, idx, owner, self.clock())
         m.wake.set()
 
+    def _emit(self, txn: lmdb.Transaction, m: MirrorState, op: str, path: bytes,
+              **fields: object) -> None:
+        """Tell the other nodes (multi-node mirrors only): a record in the change outbox."""
+        if m.publish:
+            from mirrorfs.pull import emit
+
+            emit(txn, self.reg.db, m.rule.index, {"op": op, "path": os.fsdecode(path),
+                                                  **fields})
+
     def _record_move(self, m: MirrorState, ino: int, rc: RemoteCopy, new_path: bytes) -> None:
         with self.reg.db.begin(write=True) as txn:
             self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
                 new_path, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
             bump_counter(txn, self.reg.counters, b"m%d.renames" % m.rule.index, 1)
+            self._emit(txn, m, "rename", new_path, **{"from": os.fsdecode(rc.path)},
+                       hash=rc.hash.hex(), size=rc.size, mtime=rc.mtime_ns,
+                       mode=rc.mode & 0o7777)
 
     def _record_meta(self, m: MirrorState, ino: int, node: Inode) -> None:
         with self.reg.db.begin(write=True) as txn:
@@ -368,6 +381,8 @@ class Uploader:
             if rc is not None:
                 rc.mode, rc.mtime_ns = node.mode, node.mtime_ns
                 txn.put(MQ.pack(m.rule.index, ino), rc.pack(), db=self.reg.remote)
+                self._emit(txn, m, "put", rc.path, hash=rc.hash.hex(), prev=rc.hash.hex(),
+                           size=rc.size, mtime=rc.mtime_ns, mode=rc.mode & 0o7777)
 
     async def _delete(self, m: MirrorState, ino: int, rc: RemoteCopy) -> None:
         with self.reg.db.begin() as txn:
@@ -376,6 +391,7 @@ class Uploader:
             await m.remote.delete(remote_key(rc.path))
             with self.reg.db.begin(write=True) as txn:
                 bump_counter(txn, self.reg.counters, b"m%d.deletes" % m.rule.index, 1)
+                self._emit(txn, m, "delete", rc.path, hash=rc.hash.hex())
         with self.reg.db.begin(write=True) as txn:
             self.reg.drop_remote(txn, m.rule.index, ino, rc.path)
 
@@ -417,6 +433,10 @@ class Uploader:
                 cur.hash_ver = cur.ver
                 txn.put(U64.pack(ino), cur.pack(), db=self.reg.inodes)
                 txn.put(U64.pack(ino), U64.pack(cur.ver) + chunks, db=self.reg.chunks)
+                prev = old.hash.hex() if (old is not None and old.path == path
+                                          and old.hash.strip(b"\0")) else None
+                self._emit(txn, m, "put", path, hash=whole, prev=prev, size=size,
+                           mtime=node.mtime_ns, mode=node.mode & 0o7777, chunks=chunks.hex())
         if changed:
             raise Defer("file changed during upload; uploading again", 0.5)
         if old is not None and old.path != path:
@@ -424,3 +444,5 @@ class Uploader:
                 owner = self._owner(txn, m, old.path)
             if owner is None and m.rule.delete_policy != "never":
                 await m.remote.delete(remote_key(old.path))
+                with self.reg.db.begin(write=True) as txn:
+                    self._emit(txn, m, "delete", old.path, hash=old.hash.hex())

@@ -19,6 +19,7 @@ from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
 from mirrorfs.errors import ConfigError
 from mirrorfs.maintenance import cmd_import, cmd_verify, probe_all
+from mirrorfs.pull import Sync, cmd_conflicts, cmd_pull
 from mirrorfs.remotes.base import Remote, make_remote
 from mirrorfs.space import Space
 from mirrorfs.stats import RuntimeStats
@@ -133,6 +134,14 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
     fetcher.on_complete = space.touch
     install_virtual_xattrs(daemon)
     nursery.start_soon(space.run, name="space")
+    daemon.syncs = []
+    for mcfg, mstate in zip(cfg.mirrors, states, strict=True):
+        if mcfg.pull:
+            mstate.publish = True
+            sync = Sync(daemon, mcfg, mstate)
+            daemon.syncs.append(sync)
+            nursery.start_soon(sync.run, name=f"pull:{mcfg.name}")
     await nursery.start(serve_control, daemon,
-                        {**COMMANDS, "import": cmd_import, "verify": cmd_verify})
+                        {**COMMANDS, "import": cmd_import, "verify": cmd_verify,
+                         "pull": cmd_pull, "conflicts": cmd_conflicts})
     nursery.start_soon(flush_stats, daemon, stats, name="stats")

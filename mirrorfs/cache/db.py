@@ -18,6 +18,8 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
 ``counters``  name bytes -> >q, kept up to date in the same transaction as each change.
 ``cursors``   mirror identity -> bytes: pull/import cursors.
 ``conflicts`` >d time + >Q ino -> utf-8 JSON line.
+``outbox``    >H mirror + >Q seq -> utf-8 JSON change record not yet published to the mirror's
+              change log (multi-node; see mirrorfs/pull.py).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ class Database:
     """
 
     NAMES = ("meta", "inodes", "dentries", "xattrs", "chunks", "mirrors", "jobs", "queue",
-             "remote", "rpath", "counters", "cursors", "conflicts")
+             "remote", "rpath", "counters", "cursors", "conflicts", "outbox")
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = 1 << 36) -> None:
         os.makedirs(path, exist_ok=True)

@@ -64,6 +64,8 @@ class MirrorRule:
     delete_delay: float = 0.0
 
     def wants(self, path: bytes) -> bool:
+        if path == b".mirrorfs" or path.startswith(b".mirrorfs/"):
+            return False  # reserved for mirrorfs's own objects (the multi-node change log)
         p = path.decode("utf-8", "surrogateescape")
         if self.include and not any(fnmatch.fnmatchcase(p, pat) for pat in self.include):
             return False

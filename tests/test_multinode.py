@@ -1,0 +1,139 @@
+"""Issue 8: two daemons, two cache directories, two mounts, one moto bucket."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from tests.mountutil import Mount
+from tests.test_admin import _interrupt_after_progress
+from tests.test_mirrors import admin, drain
+
+
+def node(make_mount: Any, s3: Any, name: str, leader: str = "remote", **top: Any) -> Mount:
+    opts = {"type": "s3", **s3.options(), "pull": True, "pull_interval": 0.5,
+            "leader": leader, "rescan_interval": 3600}
+    return make_mount({"shared": opts}, name=name, node_id=name, upload_delay=0.3,
+                      attr_timeout=0.5, **top)
+
+
+def read_or_none(p: Path) -> bytes | None:
+    try:
+        return p.read_bytes()
+    except OSError:
+        return None
+
+
+def test_changes_on_a_reach_b(make_mount: Any, s3: Any) -> None:
+    a = node(make_mount, s3, "A")
+    b = node(make_mount, s3, "B")
+    data = os.urandom(9 * 1024 * 1024 + 5)
+    (a.path / "album").mkdir()
+    (a.path / "album" / "pic.jpg").write_bytes(data)
+    b.wait_for(lambda: read_or_none(b.path / "album" / "pic.jpg") == data, timeout=30)
+    assert xxhash.xxh3_128_hexdigest((b.path / "album" / "pic.jpg").read_bytes()) == \
+        xxhash.xxh3_128_hexdigest(data)
+    st = admin(b, "state", str(b.path / "album" / "pic.jpg"))
+    assert st["album/pic.jpg"]["mirrors"]["shared"] == "uploaded"
+    # change
+    data2 = os.urandom(100_000)
+    (a.path / "album" / "pic.jpg").write_bytes(data2)
+    b.wait_for(lambda: read_or_none(b.path / "album" / "pic.jpg") == data2, timeout=30)
+    # rename (a file, and a directory)
+    os.rename(a.path / "album" / "pic.jpg", a.path / "album" / "cover.jpg")
+    b.wait_for(lambda: read_or_none(b.path / "album" / "cover.jpg") == data2
+               and not (b.path / "album" / "pic.jpg").exists(), timeout=30)
+    os.rename(a.path / "album", a.path / "best")
+    b.wait_for(lambda: read_or_none(b.path / "best" / "cover.jpg") == data2, timeout=30)
+    b.wait_for(lambda: not (b.path / "album").exists(), timeout=30)
+    # delete
+    (a.path / "best" / "cover.jpg").unlink()
+    b.wait_for(lambda: not (b.path / "best" / "cover.jpg").exists(), timeout=30)
+    # and the other way round
+    (b.path / "from-b.txt").write_text("hello from B")
+    a.wait_for(lambda: read_or_none(a.path / "from-b.txt") == b"hello from B", timeout=30)
+    st = admin(b, "stats")
+    assert st["pull"]["shared"]["applied"] >= 5
+    assert st["pull"]["shared"]["last_pull"] is not None
+
+
+def test_concurrent_change_leader_wins_and_loser_is_kept(make_mount: Any, s3: Any) -> None:
+    a = node(make_mount, s3, "A", leader="A")
+    b = node(make_mount, s3, "B", leader="A")
+    for m in (a, b):
+        m.expect_log(r"conflict on 'doc.txt'")
+    (a.path / "doc.txt").write_text("v0")
+    b.wait_for(lambda: read_or_none(b.path / "doc.txt") == b"v0", timeout=30)
+    drain(a)
+    drain(b)
+    admin(a, "pause")
+    admin(b, "pause")
+    (a.path / "doc.txt").write_text("edited on A")
+    (b.path / "doc.txt").write_text("edited on B")
+    admin(b, "resume")
+    time.sleep(1.5)
+    admin(a, "resume")
+
+    def settled() -> bool:
+        names = {p.name for p in a.path.iterdir()} | {p.name for p in b.path.iterdir()}
+        aside = [n for n in names if n.startswith("doc.txt.conflict-B-")]
+        return (read_or_none(a.path / "doc.txt") == b"edited on A"
+                and read_or_none(b.path / "doc.txt") == b"edited on A"
+                and len(aside) == 1
+                and read_or_none(a.path / aside[0]) == b"edited on B"
+                and read_or_none(b.path / aside[0]) == b"edited on B")
+
+    a.wait_for(settled, timeout=60)
+    drain(a)
+    drain(b)
+    assert a.wait_for(settled, timeout=30)
+    conflicts = admin(a, "conflicts") + admin(b, "conflicts")
+    assert any(c["path"] == "doc.txt" and c["winner"] == "A" and c["loser"] == "B"
+               and c["conflict_path"].startswith("doc.txt.conflict-B-") for c in conflicts)
+    c = s3.client()
+    assert c.get_object(Bucket=s3.bucket, Key="doc.txt")["Body"].read() == b"edited on A"
+
+
+def test_cursor_is_per_mirror_identity(make_mount: Any, s3: Any) -> None:
+    a = node(make_mount, s3, "A")
+    (a.path / "one").write_text("1")
+    b = node(make_mount, s3, "B")
+    b.wait_for(lambda: read_or_none(b.path / "one") == b"1", timeout=30)
+    b.umount()
+    # point B at another bucket: nothing of the first bucket's cursor applies there
+    other = s3.bucket + "-other"
+    s3.create_bucket(other)
+    from tests.mountutil import write_config
+
+    write_config(b.config, {"cache_dir": str(b.config.parent / "cache2"), "node_id": "B",
+                            "upload_delay": 0.3},
+                 {"shared": {"type": "s3", **s3.options(bucket=other), "pull": True,
+                             "pull_interval": 0.5}})
+    b.start()
+    (a.path / "two").write_text("2")
+    time.sleep(3)
+    assert not (b.path / "two").exists() and not (b.path / "one").exists()
+
+
+def test_pull_of_a_large_bucket_runs_in_steps_and_resumes(make_mount: Any, s3: Any) -> None:
+    """Objects written by something else are found by the listing pass, in steps."""
+    c = s3.client()
+    for i in range(2500):
+        c.put_object(Bucket=s3.bucket, Key=f"ext/{i // 1000}/o{i:05d}", Body=b"%d" % i)
+    opts = {"type": "s3", **s3.options(), "pull": True, "pull_interval": 3600,
+            "pull_batch": 500, "rescan_interval": 3600}
+    m = make_mount({"shared": opts}, node_id="C", upload_delay=0.3)
+    _interrupt_after_progress(["pull", "-c", str(m.config)])
+    partial = admin(m, "stats")["files"]
+    assert 0 < partial < 2500, partial
+    r = admin(m, "pull")
+    assert r["shared"]["scan_steps"] >= 2
+    assert admin(m, "stats")["files"] == 2500
+    assert (m.path / "ext" / "2" / "o02499").read_bytes() == b"2499"
+    # a rerun finds nothing new and duplicates nothing
+    admin(m, "pull")
+    assert admin(m, "stats")["files"] == 2500
