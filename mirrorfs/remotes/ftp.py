@@ -279,6 +279,15 @@ class _FtpReadStream(ReadStream):
             await r._call(r._guard("close download", r._a_close_transfer(self._tid)), loop)
 
 
+async def _outcome(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
+    """Run ``coro`` and return its outcome instead of raising: if the trio side gave up on
+    it (cancelled), asyncio must not log "Task exception was never retrieved"."""
+    try:
+        return True, await coro
+    except BaseException as exc:
+        return False, exc
+
+
 class FtpRemote(Remote):
     """Mirror onto an FTP server: files under ``base_dir``, uploaded under a temp name first."""
 
@@ -344,7 +353,7 @@ class FtpRemote(Remote):
         If the trio caller is cancelled the asyncio task is cancelled too; its own cleanup
         (closing a half-used connection) then runs on the loop without us waiting for it.
         """
-        fut = asyncio.run_coroutine_threadsafe(coro, loop or self._ensure_loop())
+        fut = asyncio.run_coroutine_threadsafe(_outcome(coro), loop or self._ensure_loop())
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
 
@@ -359,9 +368,14 @@ class FtpRemote(Remote):
             fut.cancel()
             raise
         try:
-            return fut.result()
+            ok, value = fut.result()
         except asyncio.CancelledError:
             raise RemoteUnavailable(f"mirror {self.name}: closed while in use") from None
+        if ok:
+            return value  # type: ignore[no-any-return]
+        if isinstance(value, asyncio.CancelledError):
+            raise RemoteUnavailable(f"mirror {self.name}: closed while in use")
+        raise value
 
     async def _op(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return await self._call(self._guard(what, self._a_with_client(fn, *args)))
