@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import pyfuse3
@@ -27,7 +27,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from mirrorfs.cache.db import F_ORPHAN, LOCAL_FULL, ROOT_INO, Inode
-from mirrorfs.cache.registry import FsError, Registry
+from mirrorfs.cache.registry import FsError, Registry, now_ns
 from mirrorfs.errors import MirrorfsError, to_errno
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class OpenFile:
     dirty: bool = False  # data written since the last commit
     write_gen: int = 0  # bumped by every write: the uploader detects changes during upload
     written: int = 0  # bytes written since the last commit (dirty-data estimate)
+    times: dict[str, int] = field(default_factory=dict)  # set by the kernel, not yet committed
 
 
 class Operations(pyfuse3.Operations):
@@ -118,15 +119,17 @@ class Operations(pyfuse3.Operations):
         a.st_gid = node.gid
         a.st_rdev = node.rdev
         size = node.size
-        of = self.open_files.get(node.ino)
-        if of is not None and of.dirty:
-            size = os.fstat(of.fd).st_size
-        a.st_size = size
-        a.st_blksize = 128 * 1024
-        a.st_blocks = (size + 511) // 512
         a.st_atime_ns = node.atime_ns
         a.st_mtime_ns = node.mtime_ns
         a.st_ctime_ns = node.ctime_ns
+        of = self.open_files.get(node.ino)
+        if of is not None and of.dirty:
+            size = os.fstat(of.fd).st_size
+            for name, value in of.times.items():
+                setattr(a, "st_" + name, value)
+        a.st_size = size
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (size + 511) // 512
         return a
 
     def _node(self, ino: int) -> Inode:
@@ -167,6 +170,18 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
+        of = self.open_files.get(inode)
+        if (of is not None and of.dirty and not (fields.update_size or fields.update_mode
+                                                 or fields.update_uid or fields.update_gid)):
+            # Times on a file being written (the kernel sends them before every flush with
+            # the writeback cache; cp -p sets them before close): committed with the content
+            # at the next flush, one LMDB transaction instead of two.
+            if fields.update_atime:
+                of.times["atime_ns"] = attr.st_atime_ns
+            if fields.update_mtime:
+                of.times["mtime_ns"] = attr.st_mtime_ns
+            of.times["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now_ns()
+            return self._attrs(self._node(inode))
         size = None
         if fields.update_size:
             node = self._node(inode)
@@ -349,7 +364,8 @@ class Operations(pyfuse3.Operations):
     def _commit_if_dirty(self, of: OpenFile) -> None:
         if of.dirty:
             size = os.fstat(of.fd).st_size
-            node = self.reg.commit_content(of.ino, size)
+            node = self.reg.commit_content(of.ino, size, times=of.times)
+            of.times = {}
             of.dirty = False
             if self.space is not None:
                 self.space.committed(of.written)
@@ -419,13 +435,14 @@ class Operations(pyfuse3.Operations):
         if start_id == 0:
             entries = self.reg.list_dir(inode)
             self.open_dirs[fh] = (inode, entries)
-        for i in range(start_id, len(entries)):
-            name, _ino = entries[i]
-            node = self.reg.lookup(inode, name)
-            if node is None:
-                continue  # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
-                break
+        with self.reg.db.begin() as txn:  # one read transaction for the whole reply
+            for i in range(start_id, len(entries)):
+                name, _ino = entries[i]
+                node = self.reg.lookup_txn(txn, inode, name)
+                if node is None:
+                    continue  # removed since the listing was taken
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node), i + 1):
+                    break
 
     @handler
     async def releasedir(self, fh: int) -> None:

@@ -122,6 +122,31 @@ def mount_options(cfg: Config, extra: list[str]) -> set[str]:
     return opts
 
 
+def set_read_ahead(mountpoint: str, kb: int) -> None:
+    """Raise the mount's read-ahead (its bdi in sysfs). Found through /proc/self/mountinfo,
+    never by stat()ing the mount point, which would be a request to ourselves."""
+    if kb <= 0:
+        return
+    real = os.path.normpath(mountpoint)  # no realpath: that would stat the mount point
+    try:
+        with open("/proc/self/mountinfo") as f:
+            dev = next((parts[2] for parts in (line.split() for line in f)
+                        if parts[4].replace("\\040", " ") == real), None)
+        if dev is None:
+            log.info("could not set read_ahead_kb: %s not in mountinfo", real)
+            return
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        log.info("could not set read_ahead_kb on %s: %s", mountpoint, exc)
+
+
+async def read_ahead_after_init(mountpoint: str, kb: int) -> None:
+    """The kernel sets the mount's read-ahead when it gets our INIT reply; raise it after."""
+    await trio.sleep(0.5)
+    set_read_ahead(mountpoint, kb)
+
+
 def sd_notify(state: str) -> None:
     """systemd Type=notify: tell the service manager READY=1 / STOPPING=1."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -181,6 +206,7 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flush_loop, db)
             nursery.start_soon(watch_signals, daemon)
+            nursery.start_soon(read_ahead_after_init, mountpoint, cfg.read_ahead_kb)
             await start_workers(daemon, nursery)
             log.info("mirrorfs mounted %s on %s", cfg.cache_dir, mountpoint)
             ready()

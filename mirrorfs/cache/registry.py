@@ -377,8 +377,13 @@ class Registry:
                 node.flags |= F_OPEN_WRITE
                 self._put(txn, node)
 
-    def commit_content(self, ino: int, size: int, mtime_ns: int | None = None) -> Inode:
-        """Content written through a handle reached the cache file: new version, journal it."""
+    def commit_content(self, ino: int, size: int, mtime_ns: int | None = None,
+                       times: dict[str, int] | None = None) -> Inode:
+        """Content written through a handle reached the cache file: new version, journal it.
+
+        ``times``: atime_ns/mtime_ns/ctime_ns the kernel set on the open file since the last
+        commit (kept in memory until now, see fs.setattr), applied in the same transaction.
+        """
         with self.db.begin(write=True) as txn:
             node = self._must(txn, ino)
             old_size = node.size
@@ -391,6 +396,8 @@ class Registry:
             if mtime_ns is not None:
                 node.mtime_ns = mtime_ns
                 node.ctime_ns = now_ns()
+            for name, value in (times or {}).items():
+                setattr(node, name, value)
             self._account_size(txn, node, old_size)
             self._put(txn, node)
             self._journal(txn, node, None if node.flags & F_ORPHAN
