@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -524,6 +525,7 @@ class Mirrorfs(System):
         self.log = WORK / "logs" / "mirrorfs.log"
         self.log.unlink(missing_ok=True)  # one run, one log
         self.bucket = Bucket(moto, "mirrorfs-bench")
+        self.bucket_name = self.bucket.name
         self.endpoint = moto.endpoint
         self.mount: Any = None
         self.mirror_note = ""
@@ -536,7 +538,7 @@ class Mirrorfs(System):
         self.log.parent.mkdir(exist_ok=True)
         s3_ok = run_out([PY, "-c", "import mirrorfs.remotes.s3; print('ok')"]) == "ok"
         if s3_ok:
-            mirror = {"type": "s3", "endpoint_url": self.endpoint, "bucket": self.bucket.name,
+            mirror = {"type": "s3", "endpoint_url": self.endpoint, "bucket": self.bucket_name,
                       "region": REGION, "addressing_style": "path",
                       "concurrency": CONCURRENCY, **CREDS}
             self.mirror_note = "S3 mirror on moto"
@@ -605,6 +607,7 @@ class Rclone(System):
         self.log.unlink(missing_ok=True)
         self.conf = WORK / "rclone.conf"
         self.bucket = Bucket(moto, "rclone-bench")
+        self.bucket_name = self.bucket.name
         self.endpoint = moto.endpoint
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -618,7 +621,7 @@ class Rclone(System):
                              "force_path_style = true\nno_head = true\n")
         self.conf.chmod(0o600)
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-        cmd = ["rclone", "mount", f"bench:{self.bucket.name}", str(self.root),
+        cmd = ["rclone", "mount", f"bench:{self.bucket_name}", str(self.root),
                "--config", str(self.conf), "--cache-dir", str(self.cache),
                "--vfs-cache-mode", "full", "--vfs-write-back", f"{UPLOAD_DELAY:g}s",
                "--vfs-cache-max-size", CACHE_SIZE, "--attr-timeout", f"{ATTR_TIMEOUT:g}s",
@@ -1086,7 +1089,7 @@ def profile_summary(path: Path, top: int = 12) -> list[str]:
             continue
         count = int(n)
         total += count
-        frames = stack.split(";")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         leaf[frames[-1]] = leaf.get(frames[-1], 0) + count
         for f in set(frames):
             if "mirrorfs/" in f or "pyfuse3" in f:
@@ -1221,7 +1224,9 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
                  notes: list[str], systems: list[str], elapsed: float,
                  profiles: list[str]) -> Path:
     RESULTS.mkdir(exist_ok=True)
-    stamp = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+    stamp = (dt.date.today().isoformat() + ("-quick" if args.quick else "")
+             + ("-profile" if args.profile else ""))
+    latest = not args.profile  # profiled figures are perturbed: never the latest figures
     cols = [s for s in SYSTEMS if s in systems]
     lines = [f"# mirrorfs benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
              f"{' (--quick)' if args.quick else ''}", ""]
@@ -1265,10 +1270,11 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
     text = "\n".join(lines)
     out = RESULTS / f"{stamp}.md"
     out.write_text(text)
-    (RESULTS / "latest.md").write_text(text.replace(f"]({stamp}-ratios.png)",
-                                                    "](latest-ratios.png)"))
-    if png:
-        shutil.copyfile(png, RESULTS / "latest-ratios.png")
+    if latest:
+        (RESULTS / "latest.md").write_text(text.replace(f"]({stamp}-ratios.png)",
+                                                        "](latest-ratios.png)"))
+        if png:
+            shutil.copyfile(png, RESULTS / "latest-ratios.png")
     raw = {"info": info, "reps": res.reps, "sizes": vars(args.sizes), "values": res.values,
            "perturbed": sorted(res.perturbed), "notes": notes}
     (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=1, default=str))
@@ -1446,7 +1452,7 @@ def main() -> int:
     profiles = [line for p in ctx.profiles for line in profile_summary(p)]
     out = write_report(res, ms, info, args, notes, list(systems), elapsed, profiles)
     log(f"report: {out}")
-    print((RESULTS / "latest.md").read_text())
+    print(out.read_text())
     return 130 if interrupted else 0
 
 
