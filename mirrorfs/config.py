@@ -304,6 +304,8 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, "(file)", "is a directory") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "(syntax)", str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "(syntax)", f"not UTF-8 text (byte {exc.start})") from None
     values = _check_table(path, "", raw, TOP_OPTIONS)
     mirrors_raw = values.pop("mirrors")
     if not isinstance(mirrors_raw, dict):
