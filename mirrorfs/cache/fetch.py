@@ -353,54 +353,70 @@ class Fetcher:
         """Stream from chunk ``start`` to the end, writing each piece where it belongs as it
         arrives and hashing on the way (no chunk-sized buffer: fewer copies per byte). A chunk
         is marked readable only once its last byte is written and its hash matched; a chunk
-        that does not match is written again from the next source before anyone reads it."""
-        whole_only = dl.expected is None
+        that does not match is written again from the next source before anyone reads it.
+
+        The network read of the next piece (in a thread) overlaps the cache write of this one:
+        on a small machine they are the two costs of a cold read. Errors are carried out of
+        the nursery by hand so that callers see IntegrityError / RemoteError themselves, not
+        an exception group."""
+        errors: list[BaseException] = []
         async with src.remote.open_read(src.key, start * CHUNK_SIZE) as stream, \
                 trio.open_nursery() as nursery:
-            # The network read of the next piece (in a thread) overlaps the cache write of
-            # this one: on a small machine they are the two costs of a cold read.
             send, recv = trio.open_memory_channel[bytes](PIPELINE_PIECES)
-            nursery.start_soon(_pump, stream, send)
-            c = start
-            filled = 0
-            h = xxhash.xxh3_64()
-            dl.front = c
-            while c < dl.nchunks:
-                try:
-                    data = await recv.receive()
-                except trio.EndOfChannel:
-                    data = b""
-                if not data:
-                    raise IntegrityError(f"{src.name} ended the object at "
-                                         f"{c * CHUNK_SIZE + filled} of {dl.size} bytes")
-                mv = memoryview(data)
-                while mv and c < dl.nchunks:
-                    need = dl.chunk_len(c) - filled
-                    piece = mv[:need]
-                    if not dl.verified[c]:  # (a ranged request may have verified it already)
-                        os.pwrite(dl.fd, piece, c * CHUNK_SIZE + filled)
-                        h.update(piece)
-                    filled += len(piece)
-                    mv = mv[len(piece):]
-                    if filled < dl.chunk_len(c):
-                        break
-                    if not dl.verified[c]:
-                        if not whole_only and h.digest() != dl.expected[c]:  # type: ignore[index]
-                            self.stats.bump("verify_failures")
-                            log.warning("chunk %d of %s from mirror %s does not match its "
-                                        "xxhash", c, src.key, src.name)
-                            raise IntegrityError(f"chunk {c} from {src.name} does not match")
-                        dl.verified[c] = 1
-                        self.stats.bump("download_bytes", dl.chunk_len(c))
-                        if not whole_only:
-                            dl.notify()
-                    c += 1
-                    dl.front = c
-                    filled = 0
-                    h.reset()
-                if not whole_only and all(dl.verified[c:]):
-                    break
+            nursery.start_soon(_pump, stream, send, errors)
+            try:
+                await self._consume(dl, src, start, recv, errors)
+            except (MirrorfsError, OSError) as exc:
+                errors.insert(0, exc)
             nursery.cancel_scope.cancel()
+        if errors:
+            raise errors[0]
+
+    async def _consume(self, dl: Download, src: Source, start: int,
+                       recv: trio.MemoryReceiveChannel[bytes],
+                       errors: list[BaseException]) -> None:
+        whole_only = dl.expected is None
+        c = start
+        filled = 0
+        h = xxhash.xxh3_64()
+        dl.front = c
+        while c < dl.nchunks:
+            try:
+                data = await recv.receive()
+            except trio.EndOfChannel:
+                if errors:
+                    return
+                data = b""
+            if not data:
+                raise IntegrityError(f"{src.name} ended the object at "
+                                     f"{c * CHUNK_SIZE + filled} of {dl.size} bytes")
+            mv = memoryview(data)
+            while mv and c < dl.nchunks:
+                need = dl.chunk_len(c) - filled
+                piece = mv[:need]
+                if not dl.verified[c]:  # (a ranged request may have verified it already)
+                    os.pwrite(dl.fd, piece, c * CHUNK_SIZE + filled)
+                    h.update(piece)
+                filled += len(piece)
+                mv = mv[len(piece):]
+                if filled < dl.chunk_len(c):
+                    break
+                if not dl.verified[c]:
+                    if not whole_only and h.digest() != dl.expected[c]:  # type: ignore[index]
+                        self.stats.bump("verify_failures")
+                        log.warning("chunk %d of %s from mirror %s does not match its "
+                                    "xxhash", c, src.key, src.name)
+                        raise IntegrityError(f"chunk {c} from {src.name} does not match")
+                    dl.verified[c] = 1
+                    self.stats.bump("download_bytes", dl.chunk_len(c))
+                    if not whole_only:
+                        dl.notify()
+                c += 1
+                dl.front = c
+                filled = 0
+                h.reset()
+            if not whole_only and all(dl.verified[c:]):
+                return
 
     async def _finish(self, dl: Download, src: Source) -> bool:
         """Whole-file check where that is all we have, then fsync, rename, mark local."""
@@ -438,10 +454,14 @@ class Fetcher:
         return True
 
 
-async def _pump(stream: ReadStream, send: trio.MemorySendChannel[bytes]) -> None:
+async def _pump(stream: ReadStream, send: trio.MemorySendChannel[bytes],
+                errors: list[BaseException]) -> None:
     async with send:
-        while data := await stream.read():
-            await send.send(data)
+        try:
+            while data := await stream.read():
+                await send.send(data)
+        except (MirrorfsError, OSError) as exc:
+            errors.append(exc)
 
 
 def _hash_fd(fd: int, size: int) -> tuple[bytes, bytes]:
