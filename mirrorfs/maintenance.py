@@ -139,7 +139,8 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
                     digest = None
                 mtime = (meta.mtime_ns if meta and meta.mtime_ns else st.mtime_ns) or \
                     time.time_ns()
-                mode = meta.mode if meta and meta.mode is not None else 0o644
+                # permission bits only: a foreign bucket must not plant setuid/setgid files
+                mode = meta.mode & 0o777 if meta and meta.mode is not None else 0o644
                 status, _node = d.reg.add_remote_file(txn, path, st.size, mtime, mode, digest,
                                                       idx, os.fsencode(st.key))
                 counts[status] += 1
