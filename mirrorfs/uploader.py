@@ -326,7 +326,7 @@ class Uploader:
         self._take_keys(m, ino, want, rc.path if rc else None)
         if rc is not None and rc.ver == node.ver and rc.ver:
             if rc.path != want:
-                await m.remote.rename(remote_key(rc.path), remote_key(want))
+                await m.remote.rename(remote_key(rc.path), remote_key(want), size=rc.size)
                 self._record_move(m, ino, rc, want)
             if rc.mode != node.mode or rc.mtime_ns != node.mtime_ns:
                 await m.remote.update_meta(remote_key(want), ObjectMeta(

@@ -149,8 +149,10 @@ class Remote(abc.ABC):
         """Remove ``key``; a missing key is not an error (deletes are replayed)."""
 
     @abc.abstractmethod
-    async def rename(self, src: str, dst: str) -> None:
-        """Move ``src`` to ``dst`` on the server, replacing ``dst``. NotFound if src is gone."""
+    async def rename(self, src: str, dst: str, size: int | None = None) -> None:
+        """Move ``src`` to ``dst`` on the server, replacing ``dst``. NotFound if src is gone.
+
+        ``size``: the object's size if the caller knows it (lets S3 skip a HEAD request)."""
 
     @abc.abstractmethod
     async def list(self, prefix: str = "", cursor: str | None = None,

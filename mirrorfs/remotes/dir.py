@@ -354,7 +354,7 @@ class DirRemote(Remote):
         self._prune(parts)
 
     @retry()
-    async def rename(self, src: str, dst: str) -> None:
+    async def rename(self, src: str, dst: str, size: int | None = None) -> None:
         sparts, dparts = split_key(src), split_key(dst)
         if sparts != dparts:
             await self._run(self._rename_sync, sparts, dparts)

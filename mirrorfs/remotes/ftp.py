@@ -943,7 +943,7 @@ class FtpRemote(Remote):
         await self._op(f"delete {key}", self._a_delete, self._parts(key))
 
     @retry()
-    async def rename(self, src: str, dst: str) -> None:
+    async def rename(self, src: str, dst: str, size: int | None = None) -> None:
         sparts, dparts = self._parts(src), self._parts(dst)
         if sparts != dparts:
             await self._op(f"rename {src} -> {dst}", self._a_rename, sparts, dparts)

@@ -428,10 +428,17 @@ class S3Remote(Remote):
         await self._s3("delete_object", f"delete {key}", Key=self._full(key))
 
     @retry()
-    async def rename(self, src: str, dst: str) -> None:
-        """Server-side copy (metadata kept), then delete the source."""
+    async def rename(self, src: str, dst: str, size: int | None = None) -> None:
+        """Server-side copy (metadata kept), then delete the source: two requests when the
+        size is known to be under the single-copy limit, a HEAD first otherwise."""
         sfull, dfull = self._full(src), self._full(dst)
         if sfull == dfull:
+            return
+        if size is not None and size <= self.copy_limit:
+            await self._s3("copy_object", f"copy {sfull} to {dfull}", Key=dfull,
+                           CopySource={"Bucket": self.bucket, "Key": sfull},
+                           MetadataDirective="COPY", **self._storage())
+            await self._s3("delete_object", f"rename {src}", Key=sfull)
             return
         head = await self._s3("head_object", f"rename {src}", Key=sfull)
         await self._copy(sfull, dfull, head, None)
