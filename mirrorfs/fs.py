@@ -359,7 +359,13 @@ class Operations(pyfuse3.Operations):
             of.dirty = True
         of.write_gen += 1
         of.written += len(buf)
-        return os.pwrite(of.fd, buf, off)
+        # All or an error: a short count is what pwrite gives when the disk fills up mid-way,
+        # and the kernel's writeback ignores short counts, so the rest would be lost while
+        # close() succeeds. Writing the rest raises ENOSPC, which close() then reports.
+        done = os.pwrite(of.fd, buf, off)
+        while done < len(buf):
+            done += os.pwrite(of.fd, memoryview(buf)[done:], off + done)
+        return done
 
     def _commit_if_dirty(self, of: OpenFile) -> None:
         if of.dirty:
