@@ -232,6 +232,23 @@ class Uploader:
         return 0.0
 
     async def _run(self, m: MirrorState, ino: int, seq: int) -> None:
+        """One job; whatever goes wrong in it, the mount stays up."""
+        try:
+            await self._run_job(m, ino, seq)
+        except Exception as exc:
+            # A bug, or a local failure such as a registry commit on a full disk: log it and
+            # try again later (if even that cannot be recorded, the job stays claimed and the
+            # next start makes it pending).
+            log.exception("mirror %s: job for inode %d failed unexpectedly", m.rule.name, ino)
+            m.last_error = f"internal error: {exc}"
+            try:
+                with self.reg.db.begin(write=True) as txn:
+                    self.reg.journal.retry_later(txn, m.rule.index, ino,
+                                                 self.clock() + MAX_BACKOFF / 10, str(exc))
+            except Exception:
+                log.exception("mirror %s: could not requeue inode %d", m.rule.name, ino)
+
+    async def _run_job(self, m: MirrorState, ino: int, seq: int) -> None:
         idx = m.rule.index
         node = self.reg.get(ino)
         lease = lease_for(node.size if node else 0)
