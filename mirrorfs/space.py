@@ -7,7 +7,8 @@ committed. Two bounds apply:
   that wants them, with the current version, not open, not pinned -- are evicted least recently
   used first, in the background and before a download or a write that needs the room. Dirty
   files are never evicted (invariant 2): the bound is then exceeded rather than data lost, and
-  when the disk itself is full writes fail with ENOSPC.
+  when the disk itself is full writes fail with ENOSPC. ``META_RESERVE`` bytes stay free
+  whatever ``min_free`` says, for the registry: content must never starve LMDB commits.
 - ``dirty_limit`` bounds data not yet on every mirror: a writer beyond it waits for uploads
   (back-pressure); if no mirror can make progress (all down or paused) or the wait exceeds
   ``DIRTY_WAIT`` seconds, the write fails with ENOSPC. Nothing already written is touched.
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DIRTY_WAIT = 60.0
 REFRESH = 0.1  # seconds a disk-free / dirty reading stays fresh on the write path
+#: free space kept for the registry whatever min_free says: a commit that cannot get a page
+#: fails, and with it the close() that acknowledges data and the upload that makes room
+META_RESERVE = 8 << 20
 
 
 class Space:
@@ -51,7 +55,7 @@ class Space:
         self.store = store
         self.stats = stats
         self.cache_size = cache_size
-        self.min_free = min_free
+        self.min_free = max(min_free, META_RESERVE)
         self.dirty_limit = dirty_limit
         self.lru: OrderedDict[int, None] = OrderedDict()
         self.unsynced = 0  # bytes written through handles since their last commit
@@ -178,6 +182,7 @@ class Space:
         if self._dirty + self.unsynced + n > self.dirty_limit:
             await self._wait_for_uploads(n)
         self.unsynced += n
+        self._free -= n  # until the next reading: writes between two must not overshoot
 
     async def _wait_for_uploads(self, n: int) -> None:
         deadline = trio.current_time() + DIRTY_WAIT
