@@ -21,7 +21,9 @@ def hash_file(path: str) -> tuple[str, bytes, int]:
     whole = xxhash.xxh3_128()
     chunks = bytearray()
     size = 0
-    with open(path, "rb", buffering=0) as f:
+    # O_NOFOLLOW: a content file swapped for a symlink must not send a file from elsewhere
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb",
+              buffering=0) as f:
         while True:
             chunk = f.read(CHUNK_SIZE)
             if not chunk:
@@ -40,7 +42,7 @@ def chunk_digest(data: bytes) -> bytes:
 
 def file_digest(path: str) -> str:
     h = xxhash.xxh3_128()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         while True:
             b = os.read(fd, BLOCK)

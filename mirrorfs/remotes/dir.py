@@ -286,7 +286,8 @@ class DirRemote(Remote):
     async def put(self, key: str, local_path: str, meta: ObjectMeta) -> PutResult:
         parts = split_key(key)
         # Opened outside _run so that a vanished local file stays an OSError, not NotFound.
-        src = await trio.to_thread.run_sync(os.open, local_path, os.O_RDONLY | os.O_CLOEXEC,
+        src = await trio.to_thread.run_sync(os.open, local_path,
+                                            os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                             limiter=self._limiter)
         try:
             return await self._run(self._put_sync, parts, src, meta)

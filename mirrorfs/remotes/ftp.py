@@ -139,7 +139,7 @@ class _LocalFile:
 
     def _read_sync(self) -> bytes:
         if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         data = os.pread(self._fd, BLOCK_SIZE, self._offset)
         self._offset += len(data)
         return data

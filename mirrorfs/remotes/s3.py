@@ -323,7 +323,8 @@ class S3Remote(Remote):
         The metadata is set when the upload is created, before the hash is known, so it
         carries the caller's hash; the caller compares it with the returned one.
         """
-        fd = await trio.to_thread.run_sync(os.open, local_path, os.O_RDONLY | os.O_CLOEXEC,
+        fd = await trio.to_thread.run_sync(os.open, local_path,
+                                           os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                            limiter=self._disk_limiter)
         try:
             size = os.fstat(fd).st_size
@@ -565,7 +566,7 @@ class S3Remote(Remote):
 
 def _read_small(path: str, limit: int) -> tuple[bytes, str] | None:
     """The whole file and its hash if it has at most ``limit`` bytes, else None."""
-    with open(path, "rb") as f:
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
         if os.fstat(f.fileno()).st_size > limit:
             return None
         data = f.read(limit + 1)
