@@ -75,7 +75,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     log_file = args.log_file
     if log_file is None and sys.stderr.isatty():
         log_file = os.path.join(cfg.cache_dir, "mirrorfs.log")
-        os.makedirs(cfg.cache_dir, exist_ok=True)
+        os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
     setup_logging(level, log_file)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)

@@ -60,7 +60,7 @@ class Daemon:
 
 def lock_cache_dir(cache_dir: str) -> int:
     """Hold an exclusive lock on the cache dir for the daemon's life; refuse a second mount."""
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)  # private: it holds every file name
     path = os.path.join(cache_dir, "lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -156,10 +156,15 @@ class Database:
              "remote", "rpath", "counters", "cursors", "conflicts", "outbox")
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = 1 << 36) -> None:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        # mode 0600: the registry holds every name, size and xattr of the mount, which the
+        # mount's own permissions may hide from other users (lmdb's default is 0644)
         self.env = lmdb.open(path, map_size=map_size, max_dbs=len(self.NAMES) + 2,
                              sync=False, metasync=False, readonly=readonly, lock=True,
-                             max_readers=256)
+                             max_readers=256, mode=0o600)
+        if not readonly:  # registries made before this was private
+            for name in ("data.mdb", "lock.mdb"):
+                os.chmod(os.path.join(path, name), 0o600)
         self.readonly = readonly
         self.db = {n: self.env.open_db(n.encode(), create=not readonly) for n in self.NAMES}
         if not readonly:
