@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 import lmdb
 import trio
+import xxhash
 
 from mirrorfs.cache.db import (
     F_ORPHAN,
@@ -343,7 +344,17 @@ class Uploader:
         self._take_keys(m, ino, want, rc.path if rc else None)
         if rc is not None and rc.ver == node.ver and rc.ver:
             if rc.path != want:
-                await m.remote.rename(remote_key(rc.path), remote_key(want), size=rc.size)
+                try:
+                    await m.remote.rename(remote_key(rc.path), remote_key(want), size=rc.size)
+                except NotFound:
+                    # A crash after the mirror renamed and before the move was recorded:
+                    # the old key is gone. Adopt the object at the new key if it is ours
+                    # (read back and hashed), else upload again if we can.
+                    if not await self._holds_copy(m, want, rc):
+                        if node.local != LOCAL_FULL:
+                            raise
+                        await self._upload(m, node, want, None)
+                        return
                 self._record_move(m, ino, rc, want)
             if rc.mode != node.mode or rc.mtime_ns != node.mtime_ns:
                 await m.remote.update_meta(remote_key(want), ObjectMeta(
@@ -351,6 +362,21 @@ class Uploader:
                 self._record_meta(m, ino, node)
             return
         await self._upload(m, node, want, rc)
+
+    async def _holds_copy(self, m: MirrorState, path: bytes, rc: RemoteCopy) -> bool:
+        """Whether the object at ``path`` has exactly the content ``rc`` records."""
+        if not rc.hash.strip(b"\0"):
+            return False
+        h = xxhash.xxh3_128()
+        size = 0
+        try:
+            async with m.remote.open_read(remote_key(path)) as stream:
+                while data := await stream.read():
+                    size += len(data)
+                    await trio.to_thread.run_sync(h.update, data, limiter=self.hash_limiter)
+        except NotFound:
+            return False
+        return size == rc.size and h.digest() == rc.hash
 
     def _claim_key(self, m: MirrorState, ino: int, path: bytes, owner: int) -> None:
         """``path`` holds another inode's object: overwrite it only if nothing is lost."""
