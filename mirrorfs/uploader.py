@@ -480,8 +480,8 @@ class Uploader:
                                           and old.hash.strip(b"\0")) else None
                 self._emit(txn, m, "put", path, hash=whole, prev=prev, size=size,
                            mtime=node.mtime_ns, mode=node.mode & 0o7777, chunks=chunks.hex())
-        if changed:
-            raise Defer("file changed during upload; uploading again", 0.5)
+        # The old key is no longer recorded anywhere: delete it now, also when the file
+        # changed during the upload (the next run only knows the new key).
         if old is not None and old.path != path:
             with self.reg.db.begin() as txn:
                 owner = self._owner(txn, m, old.path)
@@ -489,3 +489,5 @@ class Uploader:
                 await m.remote.delete(remote_key(old.path))
                 with self.reg.db.begin(write=True) as txn:
                     self._emit(txn, m, "delete", old.path, hash=old.hash.hex())
+        if changed:
+            raise Defer("file changed during upload; uploading again", 0.5)
