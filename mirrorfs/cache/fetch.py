@@ -35,7 +35,13 @@ import xxhash
 from pyfuse3 import FUSEError
 
 from mirrorfs.cache.db import F_ORPHAN, LOCAL_FULL, U64, Inode, RemoteCopy
-from mirrorfs.errors import IntegrityError, MirrorfsError, RemoteError, RemoteUnavailable
+from mirrorfs.errors import (
+    IntegrityError,
+    MirrorfsError,
+    NotFound,
+    RemoteError,
+    RemoteUnavailable,
+)
 from mirrorfs.hashing import chunk_digest
 from mirrorfs.remotes.base import CHUNK_SIZE, ReadStream, Remote
 
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 AHEAD_CHUNKS = 4
 #: attempts per mirror for a chunk whose hash does not match
 ATTEMPTS_PER_MIRROR = 2
+#: a missing object is looked up again this many times, this many seconds apart (it may be
+#: moving: see Fetcher._moved_key)
+MOVE_WAITS, MOVE_WAIT = 4, 0.5
 FH_BASE = 1 << 48
 #: pieces (of ~1 MiB) read ahead of the cache write
 PIPELINE_PIECES = 4
@@ -331,6 +340,18 @@ class Fetcher:
                 except IntegrityError as exc:
                     tried.append(f"{src.name}: {exc}")
                     continue
+                except NotFound as exc:
+                    # A rename of the file may have reached the mirror after this download
+                    # took the object's key: read on from where the registry says it is now.
+                    key = await self._moved_key(dl, src)
+                    if key is not None:
+                        log.info("download of %s from %s: the object moved to %s", src.key,
+                                 src.name, key)
+                        src.key = key
+                        continue
+                    tried.append(f"{src.name}: {exc}")
+                    log.info("download of %s from %s failed: %s", src.key, src.name, exc)
+                    break
                 except (MirrorfsError, OSError) as exc:
                     tried.append(f"{src.name}: {exc}")
                     log.info("download of %s from %s failed: %s", src.key, src.name, exc)
@@ -348,6 +369,22 @@ class Fetcher:
         dl.error = "; ".join(tried) or "no mirror"
         log.error("no mirror has good bytes for %s (inode %d, chunks %s...): %s",
                   dl.sources[0].key, dl.ino, missing[:4], dl.error)
+
+    async def _moved_key(self, dl: Download, src: Source) -> str | None:
+        """The key the registry records now for this download's object on ``src``'s mirror,
+        if it moved since the download started (the mirror's rename is recorded right after
+        it returns, so a short wait covers a move caught half-way). None if it did not."""
+        idx = self._index(src.name)
+        for _ in range(MOVE_WAITS):
+            with self.reg.db.begin() as txn:
+                rc = self.reg.remote_copy(txn, idx, dl.ino) if idx is not None else None
+            if rc is None or (rc.ver and rc.ver != dl.ver):
+                return None
+            key = os.fsdecode(rc.path)
+            if key != src.key:
+                return key
+            await trio.sleep(MOVE_WAIT)
+        return None
 
     async def _stream_from(self, dl: Download, src: Source, start: int) -> None:
         """Stream from chunk ``start`` to the end, writing each piece where it belongs as it
