@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from mirrorfs.control import ControlClient
 from tests.test_mirrors import admin, drain, tree
 
 MiB = 1 << 20
@@ -344,3 +345,43 @@ def test_file_renamed_and_changed_during_its_upload_leaves_no_stray_object(
     assert keys == ["b"], keys
     body = c.get_object(Bucket=s3.bucket, Key="b")["Body"].read()
     assert body == (m.path / "b").read_bytes()
+
+
+def test_read_of_a_remote_only_file_whose_rename_is_reaching_the_mirror(
+        make_mount: Any, tmp_path: Path) -> None:
+    """A remote-only file renamed while its download starts: the download took the old key,
+    the mirror's rename moves the object away before the GET. The read must follow the
+    object to its new key, not fail with EIO ('no mirror has good bytes ... NoSuchKey').
+    Found by the sixteen-process test (an overwrite of an evicted file, which fetches it
+    first, failed with EIO). Here the mirror's move is made by hand while its job waits, so
+    the GET certainly meets the moved object."""
+    dm = tmp_path / "dm"
+    dm.mkdir()
+    m = make_mount({"dir": {"type": "dir", "path": str(dm)}}, upload_delay=0)
+    data = os.urandom(3 * MiB)
+    (m.path / "a.bin").write_bytes(data)
+    drain(m)
+    assert not admin(m, "evict", str(m.path / "a.bin"))["kept"]
+    admin(m, "pause")
+    os.rename(m.path / "a.bin", m.path / "b.bin")
+    os.rename(dm / "a.bin", dm / "b.bin")  # the mirror moved it; the move is not recorded
+    fd = os.open(m.path / "b.bin", os.O_RDONLY)  # the download starts, from key a.bin
+    try:
+        time.sleep(0.2)
+        ctl = ControlClient(str(m.config.parent / "cache"))
+        ctl.call("resume")  # the job finds the move and records it while the read waits
+        ctl.close()
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        got = bytearray()
+        while piece := os.read(fd, MiB):
+            got += piece
+    finally:
+        os.close(fd)
+    assert bytes(got) == data
+    drain(m)
+    assert files(dm) == {"b.bin": data}
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()
+            and not p.name.startswith(".mirrorfs-")}
