@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: the bare disk, mirrorfs and ``rclone mount --vfs-cache-mode full``.
 
-    .venv/bin/python bench/run.py [--quick] [--reps N] [--systems disk,mirrorfs,rclone]
+    .venv/bin/python bench/run.py [--quick] [--reps N] [--systems disk,mirrorfs,rclone] [--scaling]
 
 Every system works on one fresh ext4 filesystem (a loop image in bench/work/, direct I/O to its
 backing file): the bare-disk directory, mirrorfs's cache dir and rclone's cache dir. mirrorfs
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -671,6 +672,10 @@ class Rclone(System):
 
 def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     now = time.perf_counter
+    if kind.startswith("sc_"):
+        import scaling  # bench/scaling.py (bench/ is sys.path[0] when run.py runs)
+
+        return scaling.worker_main(kind, args)
     if kind == "smallfiles":
         d, n = Path(args["dir"]), args["n"]
         data = os.urandom(SMALL_SIZE)
@@ -822,6 +827,9 @@ class Ctx:
     profile: bool = False
     profiles: list[Path] = field(default_factory=list)
     uploaded: dict[str, bool] = field(default_factory=dict)  # big file in the bucket, by system
+    root: Path | None = None  # the loop filesystem every system works on
+    scale: Any = None  # scaling.ScaleSizes when the scaling part runs, else None
+    scaling: Any = None  # its scaling.ScaleResults
 
 
 def settle_gone(sys_: System, key: str, ctx: Ctx) -> None:
@@ -1130,13 +1138,21 @@ def run_step(ctx: Ctx, w: Workload, s: System, rep: int) -> None:
 
 
 def scaling_hook(ctx: Ctx) -> None:
-    """Hook for the scaling part (not written yet): mirrorfs's create rate and stat latency with
-    1k, 10k, 100k and 1M files already registered, and the daemon's RSS at each step. It will
-    grow one tree through the mount in steps, measure a fixed batch of creates and stats at each
-    size (in a worker, as above) and read VmRSS/VmHWM of ``ctx.systems['mirrorfs'].daemon_pid``;
-    results go to ``ctx.results`` under keys ``scale_create_<n>``, ``scale_stat_<n>``,
-    ``scale_rss_<n>`` and the report gets its own table."""
-    return None
+    """The scaling part (issue 7; bench/scaling.py): create rate, ``stats`` latency and daemon
+    memory with 1k..1M registered files (registries built directly in LMDB by
+    tests/registry_builder), cold-read first byte vs a streamed GET at 1 MiB..1 GiB, and RSS
+    while streaming a 2 GiB remote-only file. Its own mounts, one S3 bucket each on the same
+    moto server; results in ``ctx.scaling``, reported in their own section."""
+    if ctx.scale is None or ctx.root is None:
+        return
+    import scaling
+
+    log(f"scaling: registered files {', '.join(scaling.label(n) for n in ctx.scale.registered)}"
+        f"; cold reads {', '.join(human_size(n) for n in ctx.scale.cold)}; stream "
+        f"{human_size(ctx.scale.stream)}")
+    ctx.scaling = scaling.run(ctx, sys.modules[__name__], ctx.scale, ctx.root)
+    log(f"scaling: done in {ctx.scaling.seconds / 60:.1f} min"
+        + (f", {len(ctx.scaling.errors)} failure(s)" if ctx.scaling.errors else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1222,63 +1238,104 @@ def goal_lines(res: Results, ms: list[Metric]) -> list[str]:
 
 def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: argparse.Namespace,
                  notes: list[str], systems: list[str], elapsed: float,
-                 profiles: list[str]) -> Path:
+                 profiles: list[str], scale: Any = None) -> Path:
     RESULTS.mkdir(exist_ok=True)
+    only_scaling = args.only_scaling
     stamp = (dt.date.today().isoformat() + ("-quick" if args.quick else "")
-             + ("-profile" if args.profile else ""))
+             + ("-profile" if args.profile else "") + ("-scaling" if only_scaling else ""))
     latest = not args.profile  # profiled figures are perturbed: never the latest figures
     cols = [s for s in SYSTEMS if s in systems]
     lines = [f"# mirrorfs benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
-             f"{' (--quick)' if args.quick else ''}", ""]
+             f"{' (--quick)' if args.quick else ''}"
+             f"{' (scaling part only)' if only_scaling else ''}", ""]
     lines += [f"- **{k}**: {v}" for k, v in info.items()]
-    lines += [f"- **repetitions**: {res.reps}, systems alternating in the order "
-              f"{', '.join(cols)}; benchmark time {elapsed / 60:.1f} min", ""]
-    lines += ["Each cell: median (min-max) over the repetitions. Ratios are speed ratios "
-              "(> 1: mirrorfs faster; for times and latencies the inverse of the time ratio), "
-              "taken within each repetition, median (min-max) over repetitions. The reference "
-              "for the first ratio is the disk for local workloads and plain boto3 for remote "
-              "ones.", ""]
-    head = ["workload", "unit", *cols, "mirrorfs / reference", "mirrorfs / rclone", "goal"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in ms:
-        row = [m.title + (f" <br>*{m.note}*" if m.note else ""), m.unit]
-        row += [summary(res.cells(m.key, c),
-                        sum(1 for (k, sy, _) in res.perturbed if k == m.key and sy == c))
-                for c in cols]
-        r1, rs1 = ratio(res, m, "mirrorfs", m.ref)
-        r2, rs2 = ratio(res, m, "mirrorfs", "rclone")
-        row += [fmt_ratio(r1, rs1) + (f" vs {m.ref}" if r1 is not None else ""),
-                fmt_ratio(r2, rs2)]
-        g = "; ".join(f"{x.label}: {'met' if r1 is not None and r1 >= x.threshold else 'not met'}"
-                      for x in m.goals) if m.goals else ""
-        row.append(g)
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Goals", "", *goal_lines(res, ms), "", "## Notes", ""]
+    if only_scaling:
+        lines += [f"- benchmark time {elapsed / 60:.1f} min", ""]
+    else:
+        lines += [f"- **repetitions**: {res.reps}, systems alternating in the order "
+                  f"{', '.join(cols)}; benchmark time {elapsed / 60:.1f} min", ""]
+        lines += ["Each cell: median (min-max) over the repetitions. Ratios are speed ratios "
+                  "(> 1: mirrorfs faster; for times and latencies the inverse of the time "
+                  "ratio), taken within each repetition, median (min-max) over repetitions. The "
+                  "reference for the first ratio is the disk for local workloads and plain boto3 "
+                  "for remote ones.", ""]
+        head = ["workload", "unit", *cols, "mirrorfs / reference", "mirrorfs / rclone", "goal"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in ms:
+            row = [m.title + (f" <br>*{m.note}*" if m.note else ""), m.unit]
+            row += [summary(res.cells(m.key, c),
+                            sum(1 for (k, sy, _) in res.perturbed if k == m.key and sy == c))
+                    for c in cols]
+            r1, rs1 = ratio(res, m, "mirrorfs", m.ref)
+            r2, rs2 = ratio(res, m, "mirrorfs", "rclone")
+            row += [fmt_ratio(r1, rs1) + (f" vs {m.ref}" if r1 is not None else ""),
+                    fmt_ratio(r2, rs2)]
+            g = "; ".join(f"{x.label}: "
+                          f"{'met' if r1 is not None and r1 >= x.threshold else 'not met'}"
+                          for x in m.goals) if m.goals else ""
+            row.append(g)
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "## Goals", "", *goal_lines(res, ms)]
+    if res.perturbed or notes:
+        lines += ["", "## Notes", ""]
     if res.perturbed:
         lines.append(f"- †: {len(res.perturbed)} figure(s) were taken while another process "
                      "wrote /proc/sys/vm/drop_caches (seen in /proc/vmstat) even after retries; "
                      "warm figures with † may be low.")
     lines += [f"- {n}" for n in notes]
-    lines += ["", "## Scaling", "",
-              "Not measured yet (create rate and stat latency with 1k..1M registered files, "
-              "daemon RSS): see `scaling_hook` in bench/run.py.", ""]
+    lines.append("")
+    pngs: list[Path] = []
+    if scale is not None:
+        import scaling
+
+        section, pngs = scaling.report(scale, stamp, RESULTS)
+    else:
+        section = ["## Scaling", "", "Not measured in this run (`bench/run.py --scaling` runs "
+                   "the scaling part alone; it is part of the default workloads).", ""]
+    lines += section
     if profiles:
         lines += ["## Profiles of the mirrorfs daemon (py-spy)", "", "```", *profiles, "```", ""]
-    png = plot(res, ms, RESULTS / f"{stamp}-ratios.png")
+    png = None if only_scaling else plot(res, ms, RESULTS / f"{stamp}-ratios.png")
     if png:
         lines += ["## Ratios", "", f"![ratios]({png.name})", ""]
+        pngs.append(png)
     text = "\n".join(lines)
     out = RESULTS / f"{stamp}.md"
     out.write_text(text)
     if latest:
-        (RESULTS / "latest.md").write_text(text.replace(f"]({stamp}-ratios.png)",
-                                                        "](latest-ratios.png)"))
-        if png:
-            shutil.copyfile(png, RESULTS / "latest-ratios.png")
+        # <stamp>-scaling-x.png (full run) / <stamp>-x.png (stamp ending in -scaling): both
+        # become latest-scaling-x.png
+        to = "latest-scaling" if only_scaling else "latest"
+        for old in RESULTS.glob("latest-scaling-*"):  # no stale plots or dumps
+            old.unlink()
+        for p in pngs:
+            shutil.copyfile(p, RESULTS / p.name.replace(stamp, to, 1))
+        latest_md = RESULTS / "latest.md"
+        if only_scaling and latest_md.exists():
+            # keep the last full figures; replace only their scaling section
+            section_text = "\n".join(section).replace(f"]({stamp}-", f"]({to}-")
+            section_text += f"\n*(Scaling section from the run `{out.name}`.)*\n"
+            latest_md.write_text(splice_section(latest_md.read_text(), "## Scaling",
+                                                section_text))
+        else:
+            latest_md.write_text(text.replace(f"]({stamp}-", f"]({to}-"))
     raw = {"info": info, "reps": res.reps, "sizes": vars(args.sizes), "values": res.values,
-           "perturbed": sorted(res.perturbed), "notes": notes}
+           "perturbed": sorted(res.perturbed), "notes": notes,
+           "scaling": scale.as_json() if scale is not None else None}
     (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=1, default=str))
     return out
+
+
+def splice_section(text: str, heading: str, section: str) -> str:
+    """``text`` with its ``heading`` section (up to the next ``## `` heading) replaced by
+    ``section``; appended if it has none."""
+    lines = text.splitlines()
+    try:
+        a = lines.index(heading)
+    except ValueError:
+        return text.rstrip("\n") + "\n\n" + section + "\n"
+    b = next((i for i in range(a + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join([*lines[:a], *section.rstrip("\n").splitlines(), "", *lines[b:]]) + "\n"
 
 
 def plot(res: Results, ms: list[Metric], path: Path) -> Path | None:
@@ -1333,8 +1390,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--systems", default="disk,mirrorfs,rclone",
                    help="comma-separated subset of disk,mirrorfs,rclone (boto3, the remote "
                         "reference, runs whenever mirrorfs or rclone does)")
-    p.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
-                   help="comma-separated subset of " + ",".join(w.name for w in WORKLOADS))
+    names = [w.name for w in WORKLOADS] + ["scaling"]
+    p.add_argument("--workloads", default=",".join(names),
+                   help="comma-separated subset of " + ",".join(names) + " (scaling alone "
+                        "starts none of the side-by-side systems)")
+    p.add_argument("--scaling", action="store_true",
+                   help="only the scaling part (same as --workloads scaling)")
+    p.add_argument("--scaling-sizes", metavar="N,N,...",
+                   help="registered-file counts for the scaling part, e.g. 1k,10k,100k,1M "
+                        "(default: 1k,10k,100k,1M; --quick: 1k,10k,100k)")
     p.add_argument("--profile", action="store_true",
                    help="sample the mirrorfs daemon with py-spy during its steps (perturbs the "
                         "figures; summaries go to the report)")
@@ -1342,6 +1406,26 @@ def parse_args() -> argparse.Namespace:
     a = p.parse_args()
     a.sizes = QUICK if a.quick else FULL
     a.reps = a.reps or (1 if a.quick else 3)
+    if a.scaling:
+        a.workloads = "scaling"
+    wanted = {w.strip() for w in a.workloads.split(",") if w.strip()}
+    unknown = wanted - set(names)
+    if unknown:
+        p.error(f"unknown workloads {', '.join(sorted(unknown))}")
+    a.wanted_workloads = wanted
+    a.only_scaling = wanted == {"scaling"}
+    a.scale = None
+    if "scaling" in wanted:
+        import scaling
+
+        a.scale = scaling.QUICK_SCALE if a.quick else scaling.FULL_SCALE
+        if a.scaling_sizes:
+            try:
+                counts = tuple(sorted({scaling.parse_count(x) for x in
+                                       a.scaling_sizes.split(",") if x.strip()}))
+            except ValueError:
+                p.error(f"--scaling-sizes: not a list of counts: {a.scaling_sizes}")
+            a.scale = dataclasses.replace(a.scale, registered=counts)
     return a
 
 
@@ -1368,8 +1452,11 @@ def main() -> int:
     unknown = set(chosen) - {"disk", "mirrorfs", "rclone"}
     if unknown:
         sys.exit(f"bench: unknown systems {', '.join(sorted(unknown))}")
-    wanted_workloads = {w.strip() for w in args.workloads.split(",")}
-    ensure_tools()
+    wanted_workloads = args.wanted_workloads
+    if args.only_scaling:
+        chosen = []  # the scaling part runs its own mounts
+    else:
+        ensure_tools()
     WORK.mkdir(exist_ok=True)
     clean_stale()
     ms = metrics(args.sizes)
@@ -1412,7 +1499,8 @@ def main() -> int:
                          f"{ATTR_TIMEOUT:g}s --transfers {CONCURRENCY}`, s3 provider Other, "
                          "no_head = true; its remote-only file: rclone restarted on an "
                          "emptied cache dir.")
-        ctx = Ctx(args.sizes, res, moto, systems, profile=args.profile)
+        ctx = Ctx(args.sizes, res, moto, systems, profile=args.profile, root=root,
+                  scale=args.scale)
         if args.profile:
             notes.insert(0, "**Profiled run** (py-spy sampling the mirrorfs daemon at 250 Hz): "
                             "mirrorfs figures are perturbed.")
@@ -1439,18 +1527,20 @@ def main() -> int:
             warns = mf.warnings()
             notes.append(f"mirrorfs log: {len(warns)} WARNING/ERROR lines"
                          + (f", first: `{warns[0][:200]}`" if warns else "") + ".")
-        notes.append("Sequential and random figures come from fio (psync, invalidate=0, "
-                     "fallocate=none; write MB/s over the job runtime, which includes "
-                     "end_fsync). Small-file, remote-read and rename figures come from a "
-                     "Python worker process (never the process serving a mount).")
-        notes.append("Drain times start at the close (the end of fio / the worker) and end when "
-                     "the bucket holds every object with its size; the configured delay is "
-                     "subtracted. The rename time starts just before rename(2) and includes "
-                     "any upload delay the system applies.")
+        if not args.only_scaling:
+            notes.append("Sequential and random figures come from fio (psync, invalidate=0, "
+                         "fallocate=none; write MB/s over the job runtime, which includes "
+                         "end_fsync). Small-file, remote-read and rename figures come from a "
+                         "Python worker process (never the process serving a mount).")
+            notes.append("Drain times start at the close (the end of fio / the worker) and end "
+                         "when the bucket holds every object with its size; the configured "
+                         "delay is subtracted. The rename time starts just before rename(2) "
+                         "and includes any upload delay the system applies.")
         info["load average at end"] = " ".join(open("/proc/loadavg").read().split()[:3])
     elapsed = time.monotonic() - t_start
     profiles = [line for p in ctx.profiles for line in profile_summary(p)]
-    out = write_report(res, ms, info, args, notes, list(systems), elapsed, profiles)
+    out = write_report(res, ms, info, args, notes, list(systems), elapsed, profiles,
+                       ctx.scaling)
     log(f"report: {out}")
     print(out.read_text())
     return 130 if interrupted else 0
