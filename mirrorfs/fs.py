@@ -188,7 +188,10 @@ class Operations(pyfuse3.Operations):
             if not stat.S_ISREG(node.mode):
                 raise FUSEError(errno.EINVAL)
             size = attr.st_size
-            await self._ensure_local(node)
+            if size == 0:
+                self._local_empty(node)
+            else:
+                await self._ensure_local(node)
             of = self.open_files.get(inode)
             if of is not None:
                 self._commit_if_dirty(of)
@@ -283,6 +286,18 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.EIO)
             await self.fetcher.fetch_all(node)
 
+    def _local_empty(self, node: Inode) -> None:
+        """A remote-only file about to be emptied (O_TRUNC, truncate to 0) needs none of its
+        old content: start from an empty local file instead of downloading it (which also
+        failed while the mirrors were unreachable). The caller then sets size 0."""
+        if node.local == LOCAL_FULL:
+            return
+        self.store.create_empty(node.ino)
+        with self.reg.db.begin(write=True) as txn:
+            cur = self.reg.get_txn(txn, node.ino)
+            if cur is not None and cur.local != LOCAL_FULL:
+                self.reg.set_local(txn, cur, LOCAL_FULL)
+
     def _open_file(self, ino: int, create: bool = False) -> OpenFile:
         of = self.open_files.get(ino)
         if of is None:
@@ -300,7 +315,9 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISDIR(node.mode):
             raise FUSEError(errno.EISDIR)
         if node.local != LOCAL_FULL:
-            if writing or flags & os.O_TRUNC:
+            if flags & os.O_TRUNC:
+                self._local_empty(node)
+            elif writing:
                 await self._ensure_local(node)
             elif self.fetcher is not None:
                 fh = self.fetcher.open_remote(node)
