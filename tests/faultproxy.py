@@ -12,7 +12,8 @@ Faults:
 - ``cut(direction, after, times)``: the next ``times`` connections are reset (RST) once
   ``after`` bytes went in ``direction`` ("up": client to server, "down": server to client),
   i.e. mid-transfer; ``cut_all()`` resets every live connection now;
-- ``refuse()``: close the listening socket, so new connections get ECONNREFUSED;
+- ``refuse()``: reset every live connection and close the listening socket, so new
+  connections get ECONNREFUSED (a server that went away);
 - ``clear()``: back to normal forwarding (and listening again on the same port).
 
 :attr:`FaultProxy.faults` counts the faults carried out, for the reliability report.
@@ -144,10 +145,12 @@ class FaultProxy:
         return len(live)
 
     def refuse(self) -> None:
+        """The server is gone: new connections are refused, live ones are reset."""
         if not self.refusing:
             self.refusing = True
             self.faults["refuse"] += 1
             self._unlisten()
+            self.cut_all(count=False)
 
     def clear(self) -> None:
         """Normal forwarding again; connections that were stalled carry on."""

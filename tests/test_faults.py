@@ -369,3 +369,40 @@ def test_ftp_control_connection_stalled_and_cut(make_mount: Any, ftp: Any) -> No
         print(f"ftp faults: {dict(proxy.faults)}")
         for k, v in proxy.faults.items():
             FAULTS[k] = FAULTS.get(k, 0) + v
+
+
+def test_overwriting_a_remote_only_file_needs_no_mirror(make_mount: Any, s3: Any,
+                                                        s3proxy: FaultProxy) -> None:
+    """Emptying a remote-only file (open with O_TRUNC, truncate to 0) does not need its old
+    content: it works while the mirror is unreachable, and downloads nothing when it is
+    not. Both used to download the whole file first, and failed with EIO when no mirror
+    answered."""
+    m = make_mount({"s3": s3_via(s3, s3proxy)}, upload_delay=0)
+    expect_fault_logs(m)
+    for name in ("over.bin", "trunc.bin", "later.bin"):
+        (m.path / name).write_bytes(os.urandom(6 * MiB))
+    drain(m)
+    # evicted without opening them (an open starts a download of a remote-only file)
+    r = admin(m, "evict", *[str(m.path / n) for n in ("over.bin", "trunc.bin", "later.bin")])
+    assert not r["kept"], r
+    time.sleep(1.2)
+    before = admin(m, "stats")
+    assert before["remote_only_files"] == 3
+    s3proxy.refuse()
+    (m.path / "over.bin").write_bytes(b"new content")
+    os.truncate(m.path / "trunc.bin", 0)
+    with open(m.path / "trunc.bin", "ab") as f:
+        f.write(b"appended")
+    assert (m.path / "over.bin").read_bytes() == b"new content"
+    assert (m.path / "trunc.bin").read_bytes() == b"appended"
+    with pytest.raises(OSError) as info:  # a partial overwrite does need the old bytes
+        with open(m.path / "later.bin", "r+b") as f:
+            f.write(b"x")
+    assert info.value.errno == errno.EIO
+    time.sleep(1.2)
+    assert admin(m, "stats")["download_bytes"] == before["download_bytes"]
+    s3proxy.clear()
+    drain(m, timeout=120)
+    objs = s3_objects(s3)
+    assert objs["over.bin"] == b"new content" and objs["trunc.bin"] == b"appended"
+    assert len(objs["later.bin"]) == 6 * MiB
