@@ -1150,7 +1150,7 @@ def scaling_hook(ctx: Ctx) -> None:
     log(f"scaling: registered files {', '.join(scaling.label(n) for n in ctx.scale.registered)}"
         f"; cold reads {', '.join(human_size(n) for n in ctx.scale.cold)}; stream "
         f"{human_size(ctx.scale.stream)}")
-    ctx.scaling = scaling.run(ctx, sys.modules[__name__], ctx.scale, ctx.root)
+    scaling.run(ctx, sys.modules[__name__], ctx.scale, ctx.root)  # sets ctx.scaling
     log(f"scaling: done in {ctx.scaling.seconds / 60:.1f} min"
         + (f", {len(ctx.scaling.errors)} failure(s)" if ctx.scaling.errors else ""))
 

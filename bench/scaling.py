@@ -712,6 +712,7 @@ def run(ctx: Any, h: Any, sizes: ScaleSizes, root: Path) -> ScaleResults:
     if str(h.REPO) not in sys.path:
         sys.path.insert(0, str(h.REPO))
     sc = Scaling(ctx, h, sizes, root)
+    ctx.scaling = sc.res  # an interrupted run still reports what it measured
     t0 = time.monotonic()
     try:
         for part in (sc.registered, sc.hold_local, sc.remote):
