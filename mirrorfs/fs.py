@@ -561,5 +561,10 @@ class Operations(pyfuse3.Operations):
                 os.close(of.fd)
             except Exception:
                 log.exception("committing inode %d at unmount", of.ino)
+        orphans = [ino for ino in self.open_files
+                   if (node := self.reg.get(ino)) is not None and node.flags & F_ORPHAN]
         self.open_files.clear()
+        for ino in orphans:  # unlinked while open: their last close is now
+            if self.reg.release_orphan(ino):
+                self.store.remove(ino)
 

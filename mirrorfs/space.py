@@ -87,6 +87,8 @@ class Space:
 
     def load(self) -> None:
         """Seed the LRU from the registry (oldest modification first)."""
+        if self.reg.counter(b"local_files") == 0:
+            return  # e.g. a node holding a million remote-only files: read none of them
         local = []
         with self.reg.db.begin() as txn:
             for _k, v in txn.cursor(db=self.reg.inodes):
