@@ -261,7 +261,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         node, gone = self.reg.unlink(parent_inode, name, want_dir=False)
         if gone and stat.S_ISREG(node.mode):
-            self.store.remove(node.ino)
+            self._drop_content(node.ino)
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -275,7 +275,7 @@ class Operations(pyfuse3.Operations):
         _node, replaced, gone = self.reg.rename(parent_inode_old, name_old, parent_inode_new,
                                                 name_new, flags)
         if replaced is not None and gone and stat.S_ISREG(replaced.mode):
-            self.store.remove(replaced.ino)
+            self._drop_content(replaced.ino)
 
     # ------------------------------------------------------------ files
 
@@ -432,7 +432,14 @@ class Operations(pyfuse3.Operations):
         """The last handle on ``ino`` closed: an unlinked file's content may go now."""
         node = self.reg.get(ino)
         if node is not None and node.flags & F_ORPHAN and self.reg.release_orphan(ino):
-            self.store.remove(ino)
+            self._drop_content(ino)
+
+    def _drop_content(self, ino: int) -> None:
+        """An inode's content is gone for good: its file, and its place in the LRU order
+        (which otherwise kept every inode ever created, deleted or not)."""
+        self.store.remove(ino)
+        if self.space is not None:
+            self.space.forget(ino)
 
     # ------------------------------------------------------------ directories
 
