@@ -106,7 +106,7 @@ def test_content_file_swapped_for_a_symlink_is_not_followed(make_mount: Any, s3:
             os.close(fd)
         assert b"SECRET" not in data
     # uploads: the pending upload of victim.txt must not send the outside file anywhere
-    admin(m, "drain", "--timeout", "10", check=False)
+    admin(m, "drain", "--timeout", "4", check=False)
     time.sleep(1)
     assert b"SECRET" not in b"".join(files_below(tmp_path / "dm").values())
     c = s3.client()

@@ -112,7 +112,7 @@ def main() -> int:
     with MotoS3(bucket="soak") as s3, PyFtpd(work / "ftp-root") as ftp:
         (work / "dm").mkdir(exist_ok=True)
         cfg = write_config(work / "mirrorfs.toml",
-                           {"cache_dir": str(work / "cache"), "upload_delay": 0.5,
+                           {"cache_dir": str(work / "cache"), "upload_delay": 0.05,
                             "cache_size": args.cache_size, "min_free": 0,
                             "log_level": "INFO"},
                            {"s3": {"type": "s3", **s3.options()},
