@@ -337,18 +337,9 @@ class S3Remote(Remote):
                 etags: dict[int, str] = {}
                 hasher = xxhash.xxh3_128()
                 total = await self._send_parts(full, upload_id, fd, part_size, hasher, etags)
-                done = await self._s3(
-                    "complete_multipart_upload", f"put {full}", Key=full, UploadId=upload_id,
-                    MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]}
-                                               for n in sorted(etags)]})
+                done = await self._complete(full, upload_id, etags, f"put {full}")
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await self._s3("abort_multipart_upload", f"abort upload of {full}",
-                                       Key=full, UploadId=upload_id)
-                    except MirrorfsError as exc:
-                        log.warning("%s: could not abort upload %s of %s: %s", self._where(),
-                                    upload_id, full, exc)
+                await self._abort(full, upload_id, f"upload of {full}")
                 raise
         finally:
             os.close(fd)
@@ -399,6 +390,22 @@ class S3Remote(Remote):
         resp = await self._s3("upload_part", f"put {full} part {number}", Key=full,
                               UploadId=upload_id, PartNumber=number, Body=data)
         return str(resp["ETag"])
+
+    async def _complete(self, full: str, upload_id: str, etags: dict[int, str],
+                        what: str) -> dict[str, Any]:
+        return await self._s3("complete_multipart_upload", what, Key=full, UploadId=upload_id,
+                              MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]}
+                                                         for n in sorted(etags)]})
+
+    async def _abort(self, full: str, upload_id: str, what: str) -> None:
+        """Abort a multipart upload or copy (shielded: runs on cancellation too)."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._s3("abort_multipart_upload", f"abort {what}", Key=full,
+                               UploadId=upload_id)
+            except MirrorfsError as exc:
+                log.warning("%s: could not abort %s (%s): %s", self._where(), what, upload_id,
+                            exc)
 
     def open_read(self, key: str, start: int = 0, length: int | None = None) -> ReadStream:
         self.check_key(key)
@@ -488,18 +495,9 @@ class S3Remote(Remote):
                 if err is None:
                     raise
                 raise err from None
-            await self._s3("complete_multipart_upload", f"copy {sfull} to {dfull}", Key=dfull,
-                           UploadId=upload_id,
-                           MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]}
-                                                      for n in sorted(etags)]})
+            await self._complete(dfull, upload_id, etags, f"copy {sfull} to {dfull}")
         except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._s3("abort_multipart_upload", f"abort copy to {dfull}",
-                                   Key=dfull, UploadId=upload_id)
-                except MirrorfsError as exc:
-                    log.warning("%s: could not abort copy %s to %s: %s", self._where(),
-                                upload_id, dfull, exc)
+            await self._abort(dfull, upload_id, f"copy to {dfull}")
             raise
 
     @retry()
