@@ -677,17 +677,10 @@ def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
 
         return scaling.worker_main(kind, args)
     if kind == "smallfiles":
+        import scaling
+
         d, n = Path(args["dir"]), args["n"]
-        data = os.urandom(SMALL_SIZE)
-        d.mkdir()
-        names = [str(d / f"f{i:06d}") for i in range(n)]
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        t = now()
-        for p in names:
-            fd = os.open(p, flags, 0o644)
-            os.write(fd, data)
-            os.close(fd)
-        create = now() - t
+        names, create = scaling.create_small_files(d, n, SMALL_SIZE)
         t = now()
         for p in names:
             os.stat(p)

@@ -119,20 +119,25 @@ class ScaleResults:
 # Workers (run in a child process through run.py's ``--worker``)
 # --------------------------------------------------------------------------------------------
 
+def create_small_files(d: Path, n: int, size: int) -> tuple[list[str], float]:
+    """Create ``n`` files of ``size`` bytes in a new directory ``d``; (names, seconds)."""
+    data = os.urandom(size)
+    d.mkdir()
+    names = [str(d / f"f{i:06d}") for i in range(n)]
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    t = time.perf_counter()
+    for p in names:
+        fd = os.open(p, flags, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+    return names, time.perf_counter() - t
+
+
 def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     now = time.perf_counter
     if kind == "sc_create":
-        d, n = Path(args["dir"]), args["n"]
-        data = os.urandom(SMALL)
-        d.mkdir()
-        names = [str(d / f"f{i:06d}") for i in range(n)]
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        t = now()
-        for p in names:
-            fd = os.open(p, flags, 0o644)
-            os.write(fd, data)
-            os.close(fd)
-        return {"seconds": now() - t}
+        _names, seconds = create_small_files(Path(args["dir"]), args["n"], SMALL)
+        return {"seconds": seconds}
     if kind == "sc_write":
         size = args["size"]
         block = bytearray(os.urandom(MiB))
