@@ -167,7 +167,7 @@ MIRROR_OPTIONS: dict[str, dict[str, Opt]] = {
         "verify_tls": (_bool, True, "verify TLS certificates"),
         "ca_bundle": (_str, None, "CA bundle path for TLS verification"),
         "multipart_threshold": (parse_size, parse_size("64M"), "upload in parts from this size"),
-        "multipart_chunksize": (parse_size, parse_size("16M"), "part size"),
+        "multipart_chunksize": (parse_size, parse_size("8M"), "part size"),
         "connect_timeout": (_duration, 10.0, "seconds"),
         "read_timeout": (_duration, 60.0, "seconds"),
     },

@@ -362,6 +362,34 @@ def test_s3_multipart_copy(moto: MotoS3, tmp_path: Path) -> None:
     run(s3_case(moto, multipart_threshold=8 * MiB, multipart_chunksize=5 * MiB), body)
 
 
+def test_s3_multipart_parts_carry_crc32(moto: MotoS3, tmp_path: Path) -> None:
+    """As boto3's transfer manager does: with request checksums "when_supported" (botocore's
+    default) every part carries a CRC32 and the object a composite one, so the server never
+    has to compute a whole-object checksum when the upload completes; with "when_required"
+    no checksum is asked for."""
+    data = os.urandom(11 * MiB)
+    src = write(tmp_path / "big", data)
+    meta = ObjectMeta(size=len(data), xxhash=xxhash.xxh3_128_hexdigest(data), mode=0o644)
+    keys: dict[str, str] = {}
+
+    async def body(r: Remote) -> None:
+        assert isinstance(r, S3Remote)
+        await r.put("big", src, meta)
+        assert await read_all(r, "big") == data
+        keys[r._get_client().meta.config.request_checksum_calculation] = r.prefix + "big"
+
+    opts = {"multipart_threshold": 5 * MiB, "multipart_chunksize": 5 * MiB}
+    run(s3_case(moto, **opts), body)
+    run(s3_case(moto, request_checksum_calculation="when_required", **opts), body)
+    client = moto.client()
+    head = client.head_object(Bucket=moto.bucket, Key=keys["when_supported"],
+                              ChecksumMode="ENABLED")
+    assert head.get("ChecksumCRC32"), head
+    head = client.head_object(Bucket=moto.bucket, Key=keys["when_required"],
+                              ChecksumMode="ENABLED")
+    assert "ChecksumCRC32" not in head
+
+
 def test_s3_failed_multipart_is_aborted(moto: MotoS3, tmp_path: Path) -> None:
     src = write(tmp_path / "big", os.urandom(16 * MiB))
     make = s3_case(moto, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
