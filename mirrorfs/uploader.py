@@ -453,11 +453,15 @@ class Uploader:
             raise Defer("file is being written", 1.0)
         gen = of.write_gen if of is not None else 0
         src = self.store.path(ino)
+        t0 = trio.current_time()
         whole, chunks, size = await trio.to_thread.run_sync(hash_file, src,
                                                            limiter=self.hash_limiter)
         meta = ObjectMeta(size=size, xxhash=whole, mtime_ns=node.mtime_ns,
                           mode=node.mode & 0o7777)
+        t1 = trio.current_time()
         res = await m.remote.put(remote_key(path), src, meta)
+        log.debug("mirror %s: uploaded %r (%d bytes): hashed in %.2f s, sent in %.2f s",
+                  m.rule.name, path, size, t1 - t0, trio.current_time() - t1)
         of = self.ops.open_files.get(ino) if self.ops is not None else None
         changed = (res.xxhash != whole or res.size != size
                    or (of is not None and (of.write_gen != gen or of.dirty)))
