@@ -125,6 +125,10 @@ TOP_OPTIONS: dict[str, Opt] = {
     "read_ahead_kb": (_int, 1024,
                       "kernel read-ahead of the mount in KiB (bigger: faster cold sequential "
                       "reads; 0 leaves the kernel default)"),
+    "stream_direct_io": (_bool, False,
+                         "reads of a file being downloaded bypass the kernel page cache: "
+                         "faster cold reads with large reads; slower with small reads, and "
+                         "mmap(MAP_SHARED) of such an open fails (ENODEV), see README"),
     "read_order": (_str_list, (), "mirror names to read from, first healthy wins"),
     "node_id": (_str, "", "this node's identity for multi-node pulls (default: host name)"),
     "mirrors": (lambda v: v, {}, "one table per mirror"),
@@ -233,6 +237,7 @@ class Config:
     xattrs: bool
     attr_timeout: float
     read_ahead_kb: int
+    stream_direct_io: bool
     read_order: tuple[str, ...]
     node_id: str
     mirrors: tuple[MirrorConfig, ...]

@@ -81,7 +81,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, registry: Registry, store: Store, *, attr_timeout: float = 5.0,
-                 xattrs: bool = False, readonly: bool = False,
+                 xattrs: bool = False, readonly: bool = False, stream_direct_io: bool = False,
                  fetcher: Fetcher | None = None, space: Space | None = None,
                  stats: RuntimeStats | None = None) -> None:
         super().__init__()
@@ -89,6 +89,8 @@ class Operations(pyfuse3.Operations):
         self.store = store
         self.attr_timeout = attr_timeout
         self.xattrs = xattrs
+        #: FOPEN_DIRECT_IO on opens of files that are not in the cache (see config.py)
+        self.stream_direct_io = stream_direct_io
         self.readonly = readonly
         self.fetcher = fetcher
         self.space = space
@@ -321,7 +323,8 @@ class Operations(pyfuse3.Operations):
                 await self._ensure_local(node)
             elif self.fetcher is not None:
                 fh = self.fetcher.open_remote(node)
-                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True,
+                                        direct_io=self.stream_direct_io)
         of = self._open_file(inode)
         if writing:
             of.writers += 1

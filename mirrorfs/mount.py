@@ -192,7 +192,8 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
     db, reg, store, clean = open_registry(cfg)
     replay_journal(reg, store, clean)
     ops = Operations(reg, store, attr_timeout=cfg.attr_timeout, xattrs=cfg.xattrs,
-                     readonly="ro" in mount_options(cfg, options))
+                     readonly="ro" in mount_options(cfg, options),
+                     stream_direct_io=cfg.stream_direct_io)
     daemon = Daemon(cfg, mountpoint, db, reg, store, ops, remotes=remotes, probes=probes)
 
     opts = mount_options(cfg, options)

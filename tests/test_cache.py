@@ -162,6 +162,39 @@ def test_two_readers_share_one_download(make_mount: Any, s3: Any) -> None:
     assert len(gets) == 1, gets
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_stream_direct_io_reads_and_mmap(make_mount: Any, s3: Any, direct: bool) -> None:
+    """stream_direct_io: the cold read returns the same bytes, through small and large reads;
+    mmap(MAP_PRIVATE) works either way; mmap(MAP_SHARED) of an open made while the file was
+    remote-only fails with ENODEV only with the option (libfuse 3.14 cannot ask the kernel
+    for FUSE_DIRECT_IO_ALLOW_MMAP), as the README says. Once local, opens are cached again."""
+    import mmap
+
+    m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0, stream_direct_io=direct)
+    data = os.urandom(10 * MiB + 77)
+    (m.path / "d.bin").write_bytes(data)
+    drain(m)
+    evict(m, m.path / "d.bin")
+    with open(m.path / "d.bin", "rb", buffering=0) as f:
+        got = bytearray()
+        while piece := f.read(4096 if len(got) < MiB else MiB):
+            got += piece
+        assert got == data
+        with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mm:
+            assert mm[5 * MiB:5 * MiB + 10] == data[5 * MiB:5 * MiB + 10]
+        if direct:
+            with pytest.raises(OSError) as exc:
+                mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            assert exc.value.errno == errno.ENODEV
+        else:
+            with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
+                assert mm[-10:] == data[-10:]
+    m.wait_for(lambda: admin(m, "stats")["local_files"] == 1)
+    with open(m.path / "d.bin", "rb") as f, \
+            mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
+        assert mm[:] == data
+
+
 def test_read_far_ahead_uses_a_ranged_request(make_mount: Any, s3: Any) -> None:
     m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
     data = os.urandom(64 * MiB)
