@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Cold read of a remote-only file: mirrorfs (default, and with ``stream_direct_io``) against
+a streamed boto3 ``get_object`` of the same object from the same server, alternating.
+
+    .venv/bin/python bench/cold_read.py [--size-mib 1024] [--reps 3]
+
+Issue 4's throughput goal, with the option that decides it on VMs whose fresh page-cache
+pages are expensive. Both mounts mirror to one moto server (its own process), each into its
+own bucket; their cache dirs share one fresh ext4 loop image (bench/run.py's LoopFs). Each
+repetition: for each mount, ``mirrorfs evict`` then ``drop_caches`` then one reader process
+reading 1 MiB at a time; for boto3, ``drop_caches`` then one streamed GET in its own
+process. The CPU seconds the daemon and moto spent are reported next to the times.
+
+Measures and reports; asserts nothing. Writes bench/results/<date>-cold-read.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+
+import run as B  # noqa: E402  (bench/run.py: Moto, Bucket, LoopFs, workers, drop_caches)
+
+from tests.mountutil import Mount, write_config  # noqa: E402
+
+VARIANTS = {"mirrorfs": {}, "mirrorfs-dio": {"stream_direct_io": True}}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("cold_read: needs root (loop mount, drop_caches, FUSE)")
+    size = args.size_mib * B.MiB
+    B.clean_stale()
+    fs = B.LoopFs("8G")
+    moto = B.Moto()
+    mounts: dict[str, tuple[Mount, B.Bucket]] = {}
+    res: dict[str, list[dict[str, float]]] = {}
+    try:
+        root = fs.start()
+        moto.start()
+        src = root / "source.dat"
+        with open(src, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(B.MiB))
+        for name, top in VARIANTS.items():
+            bucket = B.Bucket(moto, f"cold-{name}")
+            conf = write_config(B.WORK / f"cold-{name}.toml", {
+                "cache_dir": str(root / f"cache-{name}"), "upload_delay": 1,
+                "log_level": "INFO", **top}, {"s3": {
+                    "type": "s3", "endpoint_url": moto.endpoint, "bucket": bucket.name,
+                    "region": B.REGION, "addressing_style": "path",
+                    "concurrency": B.CONCURRENCY, **B.CREDS}})
+            (B.WORK / "logs").mkdir(exist_ok=True)
+            m = Mount(conf, B.WORK / f"mnt-cold-{name}", B.WORK / "logs" / f"cold-{name}.log")
+            m.start(60)
+            B.remember_pid(m.pid, "mirrorfs.cli")
+            mounts[name] = (m, bucket)
+            subprocess.run(["dd", f"if={src}", f"of={m.path / 'big.dat'}", "bs=1M",
+                            "conv=fsync"], check=True, capture_output=True)
+            B.wait_until(lambda b=bucket: b.size_of("big.dat") == size, 600, 0.2)
+            B.log(f"{name}: uploaded")
+        ref = next(iter(mounts.values()))[1].name
+        for rep in range(args.reps):
+            for name in [*VARIANTS, "boto3"]:
+                before = {"moto": cpu_seconds(moto.proc.pid)}  # type: ignore[union-attr]
+                if name == "boto3":
+                    B.drop_caches()
+                    r = B.worker("get", endpoint=moto.endpoint, bucket=ref, key="big.dat")
+                else:
+                    m, _ = mounts[name]
+                    before["daemon"] = cpu_seconds(m.pid)
+                    e = subprocess.run([B.PY, "-m", "mirrorfs.cli", "evict", str(m.path /
+                                        "big.dat")], cwd=B.REPO, capture_output=True,
+                                       text=True, check=False)
+                    if e.returncode:
+                        raise RuntimeError(f"evict failed: {e.stderr.strip()[-300:]}")
+                    B.drop_caches()
+                    r = B.worker("readfile", path=str(m.path / "big.dat"))
+                    before["daemon"] = cpu_seconds(m.pid) - before["daemon"]
+                if r["bytes"] != size:
+                    raise RuntimeError(f"{name}: read {r['bytes']} bytes, expected {size}")
+                cell = {"seconds": r["seconds"], "ttfb_ms": r["ttfb"] * 1000,
+                        "mbps": size / r["seconds"] / 1e6,
+                        "moto_cpu": cpu_seconds(moto.proc.pid) - before["moto"],  # type: ignore[union-attr]
+                        "daemon_cpu": before.get("daemon", 0.0)}
+                res.setdefault(name, []).append(cell)
+                B.log(f"rep {rep + 1} {name:13s} {cell['mbps']:7.0f} MB/s  first MiB "
+                      f"{cell['ttfb_ms']:6.0f} ms  cpu daemon {cell['daemon_cpu']:.2f} s, "
+                      f"moto {cell['moto_cpu']:.2f} s")
+    finally:
+        for m, _ in mounts.values():
+            pid = m.pid
+            m.close()
+            B.forget_pid(pid)
+        moto.stop()
+        fs.stop()
+    report(res, args, size)
+    return 0
+
+
+def report(res: dict[str, list[dict[str, float]]], args: argparse.Namespace, size: int) -> None:
+    def med(xs: list[float]) -> str:
+        return f"{statistics.median(xs):,.2f} ({min(xs):,.2f}-{max(xs):,.2f})"
+
+    lines = [f"# Cold read of a remote-only {args.size_mib} MiB file, "
+             f"{dt.datetime.now():%Y-%m-%d %H:%M}", "",
+             f"{args.reps} repetitions, alternating; load average at the end: "
+             f"{os.getloadavg()[0]:.2f}. Median (min-max). Ratio: speed ratio to the boto3 "
+             "streamed GET of the same repetition; the goal (issue 4) is within 1.3x, i.e. "
+             ">= 0.77.", "",
+             "| system | MB/s | first MiB (ms) | daemon CPU s | moto CPU s | ratio to boto3 |",
+             "|---|---|---|---|---|---|"]
+    for name, cells in res.items():
+        ratios = [c["mbps"] / b["mbps"] for c, b in zip(cells, res["boto3"], strict=False)]
+        lines.append(f"| {name} | {med([c['mbps'] for c in cells])} | "
+                     f"{med([c['ttfb_ms'] for c in cells])} | "
+                     f"{med([c['daemon_cpu'] for c in cells])} | "
+                     f"{med([c['moto_cpu'] for c in cells])} | {med(ratios)} |")
+    lines += ["", "mirrorfs-dio: `stream_direct_io = true`. The mounts' cache dirs are on a "
+              "fresh ext4 loop image; moto spools objects to /tmp (the root fs)."]
+    out = B.RESULTS / f"{dt.date.today().isoformat()}-cold-read"
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"size": size, "results": res}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
