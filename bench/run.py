@@ -1234,9 +1234,14 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
                  profiles: list[str], scale: Any = None) -> Path:
     RESULTS.mkdir(exist_ok=True)
     only_scaling = args.only_scaling
+    all_workloads = {w.name for w in WORKLOADS} | {"scaling"}
+    partial = not only_scaling and (set(systems) < {"disk", "mirrorfs", "rclone", "boto3"}
+                                    or args.wanted_workloads < all_workloads)
     stamp = (dt.date.today().isoformat() + ("-quick" if args.quick else "")
-             + ("-profile" if args.profile else "") + ("-scaling" if only_scaling else ""))
-    latest = not args.profile  # profiled figures are perturbed: never the latest figures
+             + ("-profile" if args.profile else "") + ("-scaling" if only_scaling else "")
+             + (time.strftime("-partial-%H%M") if partial else ""))
+    # profiled figures are perturbed, partial runs lack columns: never the latest figures
+    latest = not args.profile and not partial
     cols = [s for s in SYSTEMS if s in systems]
     lines = [f"# mirrorfs benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
              f"{' (--quick)' if args.quick else ''}"
