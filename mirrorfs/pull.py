@@ -30,12 +30,14 @@ no content is lost). Empty directories and symlinks do not travel.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import stat
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -86,6 +88,15 @@ def emit(txn: lmdb.Transaction, daemon_db: Any, mirror: int, rec: dict[str, Any]
     txn.put(MQ.pack(mirror, seq), json.dumps(rec).encode(), db=daemon_db.db["outbox"])
 
 
+def _invalidate_inodes(inos: list[int]) -> None:
+    """Make the kernel drop what it caches of each inode (run in a worker thread)."""
+    for ino in inos:
+        try:
+            pyfuse3.invalidate_inode(ino, False)
+        except (OSError, RuntimeError):
+            pass  # not mounted (offline pull) or the kernel does not know the inode
+
+
 def conflict_name(path: bytes, node: str, digest: bytes) -> bytes:
     head, _, name = path.rpartition(b"/")
     base = name + b".conflict-" + os.fsencode(node) + b"-" + digest.hex()[:8].encode()
@@ -115,6 +126,7 @@ class Sync:
         self.identity = mcfg.identity()
         self.state = SyncState()
         self.lock = trio.Lock()
+        self._stale: list[int] = []  # inodes whose cached pages the kernel must drop
 
     # ------------------------------------------------------------ cursors
 
@@ -264,6 +276,7 @@ class Sync:
             if src is None or reserved(src):
                 return
             await self._apply_rename(rec, src, path, node)
+        await self._flush_invalidations()
         self._kick()
 
     def _kick(self) -> None:
@@ -286,15 +299,49 @@ class Sync:
         return None
 
     def _dirty_here(self, txn: lmdb.Transaction, ino: int) -> bool:
-        return self.d.reg.journal.get(txn, self.idx, ino) is not None
+        """This node changed the file and the mirror has not got that change yet: a journal
+        job, or a handle that is writing it. With the kernel's writeback cache the writes of
+        an open file may not even have reached us yet (they come at writeback or close), so
+        a file opened for writing counts as changed until its last handle is released; its
+        changes are then committed and journaled as any others. Offline there are no handles.
+        """
+        if self.d.reg.journal.get(txn, self.idx, ino) is not None:
+            return True
+        ops = self.d.ops
+        of = ops.open_files.get(ino) if ops is not None else None
+        return of is not None and (of.dirty or of.writers > 0)
 
     def _invalidate(self, node: Inode, content: bool) -> None:
-        try:
-            if content:
-                pyfuse3.invalidate_inode(node.ino, False)
-            pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
-        except (OSError, RuntimeError):
-            pass  # not mounted (offline pull) or the kernel does not know the inode
+        """Drop the kernel's cached entry of ``node`` now, and with ``content`` its cached
+        attributes and pages at the next :meth:`_flush_invalidations`."""
+        if self.d.ops is None:
+            return  # not mounted (offline): the kernel caches nothing
+        if content:
+            self._stale.append(node.ino)
+        pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
+
+    async def _flush_invalidations(self) -> None:
+        """Invalidate the pages of the inodes :meth:`_invalidate` collected, in a worker
+        thread and outside any transaction: ``pyfuse3.invalidate_inode`` blocks until the
+        kernel has written back the inode's dirty pages (writeback cache), and those writes
+        are requests this (trio) thread must answer -- called here, it would deadlock."""
+        if not self._stale:
+            return
+        inos, self._stale = self._stale, []
+        # A daemon thread rather than trio.to_thread: if the mount stops while the kernel
+        # waits for writes nobody will answer, the thread is abandoned, not waited for.
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def work() -> None:
+            try:
+                _invalidate_inodes(inos)
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(done.set)
+
+        threading.Thread(target=work, name="mirrorfs-invalidate", daemon=True).start()
+        await done.wait()
 
     def _remote_copy(self, rec: dict[str, Any], path: bytes, ver: int) -> RemoteCopy:
         return RemoteCopy(path, ver, bytes.fromhex(rec["hash"]), int(rec["size"]),

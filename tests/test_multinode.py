@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import xxhash
 
 from tests.mountutil import Mount
@@ -141,3 +144,97 @@ def test_pull_of_a_large_bucket_runs_in_steps_and_resumes(make_mount: Any, s3: A
     # a rerun finds nothing new and duplicates nothing
     admin(m, "pull")
     assert admin(m, "stats")["files"] == 2500
+
+
+def responds(path: Path, timeout: float = 10.0) -> bool:
+    """Whether the mount answers a stat, asked from a child that is killed if it hangs."""
+    try:
+        r = subprocess.run(["stat", str(path)], capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return r.returncode == 0
+
+
+def abort_fuse(m: Mount) -> None:
+    """End a deadlocked mount: its daemon waits in the kernel (D state) for itself, which
+    neither SIGKILL nor an unmount ends; aborting the FUSE connection does."""
+    conns = Path("/sys/fs/fuse/connections")
+    if not any(conns.iterdir()):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(conns)], check=False)
+    where = os.path.join(os.path.realpath(m.path.parent), m.path.name)  # not stat'ing it
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == where:
+                (conns / fields[2].split(":")[1] / "abort").write_text("1")
+    m.kill()
+
+
+# Writes a line of stdin to the file, says so, and keeps it open until the next line. A child
+# of its own: every fork+exec of a process that holds the descriptor closes a copy of it, and
+# each close sends the kernel's FLUSH, which commits the writes (the test's own subprocesses).
+WRITER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.write(fd, sys.stdin.buffer.readline().rstrip(b"\\n"))
+print("written", flush=True)
+os.write(fd, sys.stdin.buffer.readline().rstrip(b"\\n"))
+os.close(fd)
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("leader", ["A", "B"])
+def test_pull_meets_a_file_open_for_writing(make_mount: Any, s3: Any, leader: str) -> None:
+    """A change pulled while the file is open for writing here, its new bytes still in the
+    kernel's page cache (writeback cache: not sent to the daemon before writeback or close):
+    a conflict, as for a journaled change, and the mount keeps answering. It used to
+    fast-forward, dropping the content file under the writer, and to invalidate the inode's
+    pages from the trio thread while the kernel wrote them back to that same thread: a hang."""
+    a = node(make_mount, s3, "A", leader=leader)
+    b = node(make_mount, s3, "B", leader=leader)
+    for m in (a, b):
+        m.expect_log(r"conflict on 'doc.txt'")
+    (a.path / "doc.txt").write_text("v0")
+    b.wait_for(lambda: read_or_none(b.path / "doc.txt") == b"v0", timeout=30)
+    drain(a)
+    drain(b)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(b.path / "doc.txt")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert writer.stdin is not None and writer.stdout is not None
+    try:
+        writer.stdin.write(b"written on B, still open\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline() == b"written\n"
+        (a.path / "doc.txt").write_text("edited on A")
+        drain(a)
+        b.wait_for(lambda: "conflict on 'doc.txt'" in b.log_text() or not responds(b.path),
+                   timeout=30)
+        assert responds(b.path), "B's mount hangs"
+        writer.stdin.write(b" and closed\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline() == b"closed\n"
+        assert writer.wait(30) == 0
+    except BaseException:
+        if not responds(b.path):
+            abort_fuse(b)  # else the teardown waits for it for ever
+        raise
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    ours, theirs = b"written on B, still open and closed", b"edited on A"
+    winner, loser, loser_node = (theirs, ours, "B") if leader == "A" else (ours, theirs, "A")
+
+    def settled() -> bool:
+        names = {p.name for p in a.path.iterdir()} | {p.name for p in b.path.iterdir()}
+        aside = [n for n in names if n.startswith(f"doc.txt.conflict-{loser_node}-")]
+        return (len(aside) == 1
+                and all(read_or_none(m.path / "doc.txt") == winner
+                        and read_or_none(m.path / aside[0]) == loser for m in (a, b)))
+
+    a.wait_for(settled, timeout=60)
+    drain(a)
+    drain(b)
+    assert a.wait_for(settled, timeout=30)
+    assert s3.client().get_object(Bucket=s3.bucket, Key="doc.txt")["Body"].read() == winner
