@@ -109,8 +109,9 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
         mirrors: dict[str, Any] = {}
         journal = 0
         for m in reg.mirrors:
-            ms = {n: get_counter(txn, reg.counters, b"m%d.%s" % (m.index, n.encode()))
-                  for n in MIRROR_STAT_NAMES}
+            ms: dict[str, Any] = {
+                n: get_counter(txn, reg.counters, b"m%d.%s" % (m.index, n.encode()))
+                for n in MIRROR_STAT_NAMES}
             ms["pending"] = ms["jobs"] - ms["failed"]
             journal += ms["jobs"]
             oldest = reg.journal.next_due(txn, m.index)
@@ -332,8 +333,8 @@ async def cmd_move(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
         if d.space.evict(ino) is not None:
             evicted += 1
         else:
-            node = d.reg.get(ino)
-            if node is not None and node.local == LOCAL_FULL:
+            cur = d.reg.get(ino)
+            if cur is not None and cur.local == LOCAL_FULL:
                 kept.append(d.reg.path_of(ino).decode("utf-8", "backslashreplace"))
     return {"evicted": evicted, "kept": kept}
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from mirrorfs.config import Config, load_config
 from mirrorfs.errors import ConfigError
@@ -67,9 +68,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             msg = r.read().decode(errors="replace")
         if msg.startswith("OK"):
             return EXIT_OK
-        code, _, text = msg.partition(" ")
+        status, _, text = msg.partition(" ")
         print(text.strip() or "mirrorfs: the daemon exited during start-up", file=sys.stderr)
-        return int(code) if code.isdigit() else EXIT_FAIL
+        return int(status) if status.isdigit() else EXIT_FAIL
     os.close(rfd)
     os.setsid()
     log_file = args.log_file
@@ -107,7 +108,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
-def _run_mount(cfg: Config, mountpoint: str, options: list[str], ready: object,
+def _run_mount(cfg: Config, mountpoint: str, options: list[str], ready: Callable[[], None],
                report_fd: int | None = None) -> int:
     import trio
 
