@@ -359,7 +359,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._attrs(node)
 
     @handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         of = self.open_files.get(fh)
         if of is None:
             if self.fetcher is not None and self.fetcher.owns(fh):

@@ -189,6 +189,31 @@ def test_put_large(case: Case, tmp_path: Path) -> None:
     run(case, body, **opts)
 
 
+def test_readinto_fills_chunks(case: Case, tmp_path: Path) -> None:
+    """readinto() (what downloads use: straight into a chunk buffer on S3, through read()
+    elsewhere) fills each buffer completely until the range ends, mixed with read()."""
+    data = os.urandom(9 * MiB + 777)
+    src = write(tmp_path / "r", data)
+
+    async def body(r: Remote) -> None:
+        await r.put("r.bin", src, ObjectMeta(size=len(data)))
+        for start, length in ((0, None), (MiB + 5, 6 * MiB)):
+            end = len(data) if length is None else start + length
+            got = bytearray()
+            async with r.open_read("r.bin", start, length) as stream:
+                first = await stream.read()  # a read() first: readinto() goes on after it
+                got += first
+                buf = bytearray(4 * MiB)
+                while n := await stream.readinto(memoryview(buf)):
+                    got += buf[:n]
+                    if n < len(buf):
+                        break
+                assert await stream.readinto(memoryview(buf)) == 0
+            assert got == data[start:end]
+
+    run(case, body)
+
+
 def test_overwrite(case: Case, tmp_path: Path) -> None:
     async def body(r: Remote) -> None:
         await r.put("k", write(tmp_path / "a", b"first version"), ObjectMeta(size=13))

@@ -62,10 +62,8 @@ ATTEMPTS_PER_MIRROR = 2
 #: moving: see Fetcher._moved_key)
 MOVE_WAITS, MOVE_WAIT = 4, 0.5
 FH_BASE = 1 << 48
-#: pieces (of ~1 MiB) read ahead of the cache write
-PIPELINE_PIECES = 8
-#: bytes handed to one worker-thread call that writes and hashes them
-BATCH_BYTES = 4 * 1024 * 1024
+#: chunks received and hashed ahead of their check
+PIPELINE_CHUNKS = 2
 #: verified chunks kept in memory per download (CHUNK_SIZE each) for readers near the front
 RING_CHUNKS = 8
 #: verified chunks waiting for the cache-file writer (beyond them the stream waits)
@@ -179,7 +177,7 @@ class Fetcher:
             dl.pool.clear()
             os.close(dl.fd)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         dl = self.downloads[self.handles[fh]]
         if off >= dl.size:
             return b""
@@ -413,27 +411,29 @@ class Fetcher:
 
     async def _stream_from(self, dl: Download, src: Source, start: int) -> None:
         """Stream from chunk ``start`` to the end through three stages that overlap: the
-        network read (``_pump``, in this mirror's threads), the copy of each piece into a
-        chunk buffer with its hash (``_consume``, a worker thread), and the cache-file write
-        of verified chunks (``_write_chunks``, another worker thread).
+        network read of each chunk straight into a reused buffer with its hash (``_pump``,
+        in this mirror's threads), the check against the recorded digest (``_consume``, on
+        the trio thread), and the cache-file write of verified chunks (``_write_chunks``, a
+        worker thread).
 
         A chunk is readable as soon as its hash matched: from its buffer in ``dl.ring``
-        until it is in the file, so readers wait for neither the disk nor the GIL-holding
-        trio thread. A chunk that does not match is fetched again from the next source
-        before anyone reads it. Errors are carried out of the nurseries by hand so that
-        callers see IntegrityError / RemoteError themselves, not an exception group."""
+        until it is in the file, so readers wait for neither the disk nor a copy. A chunk
+        that does not match is fetched again from the next source before anyone reads it.
+        Errors are carried out of the nurseries by hand so that callers see IntegrityError /
+        RemoteError themselves, not an exception group."""
         errors: list[BaseException] = []
-        sink = _Sink(dl, start * CHUNK_SIZE, self.store.part_path(dl.ino))
+        sink = _Sink(dl, self.store.part_path(dl.ino))
         try:
             async with src.remote.open_read(src.key, start * CHUNK_SIZE) as stream, \
                     trio.open_nursery() as writers:
                 wsend, wrecv = trio.open_memory_channel[tuple[int, mmap.mmap]](WRITE_QUEUE)
                 writers.start_soon(self._write_chunks, dl, sink, wrecv)
                 async with wsend, trio.open_nursery() as nursery:
-                    send, recv = trio.open_memory_channel[bytes](PIPELINE_PIECES)
-                    nursery.start_soon(_pump, stream, send, errors)
+                    send, recv = trio.open_memory_channel[tuple[int, mmap.mmap, bytes]](
+                        PIPELINE_CHUNKS)
+                    nursery.start_soon(_pump, stream, dl, src, start, send, errors)
                     try:
-                        await self._consume(dl, src, sink, recv, wsend, errors)
+                        await self._consume(dl, src, start, recv, wsend, sink)
                     except (MirrorfsError, OSError) as exc:
                         errors.insert(0, exc)
                     nursery.cancel_scope.cancel()
@@ -445,69 +445,43 @@ class Fetcher:
         if errors:
             raise errors[0]
 
-    async def _consume(self, dl: Download, src: Source, sink: _Sink,
-                       recv: trio.MemoryReceiveChannel[bytes],
+    async def _consume(self, dl: Download, src: Source, start: int,
+                       recv: trio.MemoryReceiveChannel[tuple[int, mmap.mmap, bytes]],
                        wsend: trio.MemorySendChannel[tuple[int, mmap.mmap]],
-                       errors: list[BaseException]) -> None:
-        """Copy and hash what the pump received, in a worker thread, a batch at a time,
-        and hand each verified chunk to the writer.
+                       sink: _Sink) -> None:
+        """Check each chunk the pump received and hand the good ones to the writer.
 
-        Chunks that a ranged request verified meanwhile are neither copied nor hashed."""
+        Chunks that a ranged request verified meanwhile are dropped."""
         whole_only = dl.expected is None
-        dl.front = sink.pos // CHUNK_SIZE
-        while sink.pos < dl.size:
-            if sink.error is not None:
-                return
+        dl.front = start
+        while dl.front < dl.nchunks:
             try:
-                batch = [await recv.receive()]
+                c, buf, digest = await recv.receive()
             except trio.EndOfChannel:
-                if errors:
-                    return
-                batch = [b""]
-            size = len(batch[0])
-            while size < BATCH_BYTES and batch[-1]:
-                try:
-                    batch.append(recv.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                size += len(batch[-1])
+                return  # the pump stopped: ``errors`` says why
             if dl.first_byte is None:
                 dl.first_byte = trio.current_time()
-            if not batch[0]:
-                raise IntegrityError(f"{src.name} ended the object at {sink.pos} of "
-                                     f"{dl.size} bytes")
-            first = sink.pos // CHUNK_SIZE
-            last = (min(sink.pos + size, dl.size) - 1) // CHUNK_SIZE
-            skip = {c for c in range(first, last + 1) if dl.verified[c]}
-            done = await trio.to_thread.run_sync(sink.absorb, batch, skip)
-            bad = None
-            for c, digest, buf in done:
-                if dl.verified[c] or digest is None or bad is not None:
-                    if buf is not None:
-                        dl.pool.append(buf)
-                    continue
-                if not whole_only and digest != dl.expected[c]:  # type: ignore[index]
-                    dl.pool.append(buf)  # type: ignore[arg-type]
-                    bad = c
-                    continue
-                assert buf is not None
-                dl.verified[c] = 1
-                self.stats.bump("download_bytes", dl.chunk_len(c))
-                old = dl.ring.pop(c, None)
-                if old is not None:
-                    dl.pool.append(old)
-                dl.ring[c] = buf
-                dl.unwritten.add(c)
-                await wsend.send((c, buf))
-            if bad is not None:
+            dl.front = c + 1
+            if dl.verified[c]:
+                dl.pool.append(buf)
+                continue
+            if not whole_only and digest != dl.expected[c]:  # type: ignore[index]
+                dl.pool.append(buf)
                 self.stats.bump("verify_failures")
                 log.warning("chunk %d of %s from mirror %s does not match its xxhash",
-                            bad, src.key, src.name)
-                raise IntegrityError(f"chunk {bad} from {src.name} does not match")
-            if done and not whole_only:
+                            c, src.key, src.name)
+                raise IntegrityError(f"chunk {c} from {src.name} does not match")
+            dl.verified[c] = 1
+            self.stats.bump("download_bytes", dl.chunk_len(c))
+            old = dl.ring.pop(c, None)
+            if old is not None:
+                dl.pool.append(old)
+            dl.ring[c] = buf
+            dl.unwritten.add(c)
+            if not whole_only:
                 dl.notify()
-            dl.front = sink.pos // CHUNK_SIZE
-            if not whole_only and all(dl.verified[dl.front:]):
+            await wsend.send((c, buf))
+            if sink.error is not None or (not whole_only and all(dl.verified[dl.front:])):
                 return
 
     async def _write_chunks(self, dl: Download, sink: _Sink,
@@ -566,11 +540,21 @@ class Fetcher:
         return True
 
 
-def _read_range(dl: Download, off: int, size: int) -> bytes:
+def _read_range(dl: Download, off: int, size: int) -> bytes | memoryview:
     """Verified bytes: from the ring where a chunk is there (it may not be in the file yet),
-    else from the file."""
+    else from the file.
+
+    A read within one chunk in the ring is a view of its buffer, not a copy: pyfuse3 hands
+    any buffer to fuse_reply_buf right after the handler returns, before anything else
+    runs on the trio thread, and a buffer in the ring is never refilled (only buffers in
+    ``dl.pool`` are, and the trio thread moves them there)."""
     if not dl.ring:
         return os.pread(dl.fd, size, off)
+    c = off // CHUNK_SIZE
+    buf = dl.ring.get(c)
+    if buf is not None and (off + size - 1) // CHUNK_SIZE == c:
+        base = c * CHUNK_SIZE
+        return memoryview(buf)[off - base:off - base + size]
     parts = []
     pos, end = off, off + size
     while pos < end:
@@ -594,70 +578,29 @@ def _trim_ring(dl: Download) -> None:
 
 
 class _Sink:
-    """Where the stream's bytes go: a chunk buffer and its hash (``absorb``, one worker
-    thread), then, once verified, the cache file (``write``, another worker thread).
+    """The cache file as the stream's writer sees it (used from one worker thread at a time).
 
-    A verified chunk is written with O_DIRECT from its
-    (page-aligned, reused) buffer where the file system allows it: written through the page
-    cache, every downloaded byte took a fresh page, and on this kind of VM a fresh page costs
-    ~10 us (1 GiB ran at ~250 MB/s against ~1.5 GB/s through O_DIRECT). Readers close behind
-    the stream are answered from the buffers (``Download.ring``), the others from the file.
+    A verified chunk is written with O_DIRECT from its (page-aligned, reused) buffer where the
+    file system allows it: written through the page cache, every downloaded byte took a fresh
+    page, and on this kind of VM a fresh page costs ~10 us (1 GiB ran at ~250 MB/s against
+    ~1.5 GB/s through O_DIRECT). Readers close behind the stream are answered from the
+    buffers (``Download.ring``), the others from the file.
     """
 
-    def __init__(self, dl: Download, pos: int, path: str) -> None:
+    def __init__(self, dl: Download, path: str) -> None:
         self.fd = dl.fd
         self.size = dl.size
-        self.pos = pos
-        self.pool = dl.pool
-        self.hash = xxhash.xxh3_64()
-        self.skipping = False  # the current chunk was verified elsewhere: don't hash it
-        self.buf: mmap.mmap | None = None
         self.error: OSError | None = None  # a chunk could not be written
         self.dfd: int | None = None
         try:
             self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:  # tmpfs and some others: no O_DIRECT
+        except OSError as exc:  # some file systems have no O_DIRECT
             log.debug("no O_DIRECT for %s (%s): writing through the page cache", path, exc)
 
     def close(self) -> None:
         if self.dfd is not None:
             os.close(self.dfd)
             self.dfd = None
-        if self.buf is not None:
-            self.pool.append(self.buf)
-            self.buf = None
-
-    def absorb(self, batch: list[bytes],
-               skip: set[int]) -> list[tuple[int, bytes | None, mmap.mmap | None]]:
-        """Copy ``batch`` (from ``pos`` on) into chunk buffers and hash it; returns the chunks
-        it completed with their digest and buffer (None for a chunk in ``skip``, which is
-        neither copied nor hashed)."""
-        done: list[tuple[int, bytes | None, mmap.mmap | None]] = []
-        for data in batch:
-            mv = memoryview(data)
-            while mv and self.pos < self.size:
-                c = self.pos // CHUNK_SIZE
-                base = c * CHUNK_SIZE
-                end = min(base + CHUNK_SIZE, self.size)
-                piece = mv[:end - self.pos]
-                if c in skip:
-                    self.skipping = True
-                if not self.skipping:
-                    if self.buf is None:
-                        self.buf = self.pool.pop() if self.pool else mmap.mmap(-1, CHUNK_SIZE)
-                    self.buf[self.pos - base:self.pos - base + len(piece)] = piece
-                    self.hash.update(piece)
-                self.pos += len(piece)
-                mv = mv[len(piece):]
-                if self.pos == end:
-                    if self.skipping:
-                        done.append((c, None, None))
-                    else:
-                        done.append((c, self.hash.digest(), self.buf))
-                        self.buf = None
-                    self.hash.reset()
-                    self.skipping = False
-        return done
 
     def write(self, buf: mmap.mmap, off: int, n: int) -> None:
         if self.dfd is not None:
@@ -684,12 +627,28 @@ def _pwrite_all(fd: int, data: memoryview, off: int) -> None:
         off += n
 
 
-async def _pump(stream: ReadStream, send: trio.MemorySendChannel[bytes],
+async def _pump(stream: ReadStream, dl: Download, src: Source, start: int,
+                send: trio.MemorySendChannel[tuple[int, mmap.mmap, bytes]],
                 errors: list[BaseException]) -> None:
+    """Receive chunk after chunk into buffers from ``dl.pool`` and hash each one."""
     async with send:
         try:
-            while data := await stream.read():
-                await send.send(data)
+            for c in range(start, dl.nchunks):
+                n = dl.chunk_len(c)
+                buf = dl.pool.pop() if dl.pool else mmap.mmap(-1, CHUNK_SIZE)
+                view = memoryview(buf)[:n]
+                try:
+                    got = await stream.readinto(view)
+                    if got < n:
+                        raise IntegrityError(f"{src.name} ended the object at "
+                                             f"{c * CHUNK_SIZE + got} of {dl.size} bytes")
+                    digest = await trio.to_thread.run_sync(chunk_digest, view)
+                except BaseException:
+                    dl.pool.append(buf)
+                    raise
+                finally:
+                    view.release()
+                await send.send((c, buf, digest))
         except (MirrorfsError, OSError) as exc:
             errors.append(exc)
 

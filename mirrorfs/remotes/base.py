@@ -100,8 +100,26 @@ class ListPage:
 class ReadStream(abc.ABC):
     """A byte range being downloaded. Use as ``async with``; ``read()`` returns b"" at the end."""
 
+    _spill: memoryview | None = None  # what read() returned beyond the last readinto()
+
     @abc.abstractmethod
     async def read(self) -> bytes: ...
+
+    async def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf``; fewer bytes only at the end of the range. This default goes through
+        read(); a remote that can receive straight into ``buf`` saves a copy per byte."""
+        n = 0
+        while n < len(buf):
+            if not self._spill:
+                data = await self.read()
+                if not data:
+                    break
+                self._spill = memoryview(data)
+            k = min(len(self._spill), len(buf) - n)
+            buf[n:n + k] = self._spill[:k]
+            self._spill = self._spill[k:]
+            n += k
+        return n
 
     @abc.abstractmethod
     async def aclose(self) -> None: ...

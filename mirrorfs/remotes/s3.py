@@ -136,6 +136,26 @@ class _S3ReadStream(ReadStream):
             await self.aclose()
         return data
 
+    async def readinto(self, buf: memoryview) -> int:
+        """Receive straight into ``buf`` (one thread hop per call, not per MiB)."""
+        if self._spill:
+            return await super().readinto(buf)
+        if self._error is not None:
+            raise RemoteError(f"{self._remote._where()}: download of {self._key} failed "
+                              f"earlier: {self._error}")
+        await self._open()
+        if self._done:
+            return 0
+        try:
+            n: int = await self._remote._run(f"read {self._key}", _fill, self._body, buf)
+        except BaseException as exc:
+            self._error = exc
+            raise
+        if n < len(buf):
+            self._done = True
+            await self.aclose()
+        return n
+
     async def aclose(self) -> None:
         self._done = True
         body, self._body = self._body, None
@@ -589,6 +609,27 @@ class S3Remote(Remote):
 
     def url(self, key: str) -> str | None:
         return quote_key(self.url_base, key)
+
+
+def _fill(body: Any, buf: memoryview) -> int:
+    """Fill ``buf`` from a StreamingBody; returns less only at its end.
+
+    Reads through the http.client response under urllib3's when it is there: urllib3 2's
+    readinto() reads into a new bytes object and copies that (a second copy of every byte,
+    with the GIL held). The length is checked by the caller, which knows the object's size;
+    a socket error becomes RemoteError like botocore's own."""
+    raw = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+    into = raw.readinto if raw is not None and hasattr(raw, "readinto") else body.readinto
+    n = 0
+    try:
+        while n < len(buf):
+            got = into(buf[n:])
+            if not got:
+                break
+            n += got
+    except OSError as exc:
+        raise RemoteError(f"download broken after {n} bytes of a read: {exc}") from exc
+    return n
 
 
 def _read_small(path: str, limit: int) -> tuple[bytes, str] | None:
