@@ -1268,8 +1268,8 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
             r2, rs2 = ratio(res, m, "mirrorfs", "rclone")
             row += [fmt_ratio(r1, rs1) + (f" vs {m.ref}" if r1 is not None else ""),
                     fmt_ratio(r2, rs2)]
-            g = "; ".join(f"{x.label}: "
-                          f"{'met' if r1 is not None and r1 >= x.threshold else 'not met'}"
+            g = "; ".join(f"{x.label}: " + ("no figure" if r1 is None else
+                                            "met" if r1 >= x.threshold else "not met")
                           for x in m.goals) if m.goals else ""
             row.append(g)
             lines.append("| " + " | ".join(row) + " |")
