@@ -62,6 +62,11 @@ def handler(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return wrapper
 
 
+#: Set in the handle of an open for writing (the rest is the inode number): release then
+#: knows a writer went away. Handles of downloads start at fetch.FH_BASE (1 << 48).
+WRITER = 1 << 62
+
+
 @dataclass
 class OpenFile:
     """One content-file descriptor per inode, shared by every handle on it."""
@@ -338,7 +343,7 @@ class Operations(pyfuse3.Operations):
             # data not yet committed (registry size 0).
             os.ftruncate(of.fd, 0)
             self.on_commit(self.reg.setattr(inode, size=0))
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return pyfuse3.FileInfo(fh=inode | WRITER if writing else inode, keep_cache=True)
 
     @handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -356,11 +361,11 @@ class Operations(pyfuse3.Operations):
         of.dirty = True  # committed (and journaled) at the first flush, even if empty
         if self.space is not None:
             self.space.touch(node.ino)
-        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._attrs(node)
+        return pyfuse3.FileInfo(fh=node.ino | WRITER, keep_cache=True), self._attrs(node)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        of = self.open_files.get(fh)
+        of = self.open_files.get(fh & ~WRITER)
         if of is None:
             if self.fetcher is not None and self.fetcher.owns(fh):
                 return await self.fetcher.read(fh, off, size)
@@ -369,7 +374,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        of = self.open_files.get(fh)
+        of = self.open_files.get(fh & ~WRITER)
         if of is None:
             raise FUSEError(errno.EBADF)
         if self.space is not None:
@@ -400,13 +405,13 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def flush(self, fh: int) -> None:
-        of = self.open_files.get(fh)
+        of = self.open_files.get(fh & ~WRITER)
         if of is not None:
             self._commit_if_dirty(of)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        of = self.open_files.get(fh)
+        of = self.open_files.get(fh & ~WRITER)
         if of is None:
             return
         await trio.to_thread.run_sync(os.fsync, of.fd, limiter=self.fsync_limiter)
@@ -415,7 +420,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def release(self, fh: int) -> None:
-        of = self.open_files.get(fh)
+        of = self.open_files.get(fh & ~WRITER)
         if of is None:
             if self.fetcher is not None and self.fetcher.owns(fh):
                 ino = self.fetcher.release(fh)
@@ -423,13 +428,15 @@ class Operations(pyfuse3.Operations):
                     self._release_orphan(ino)
             return
         self._commit_if_dirty(of)
+        if fh & WRITER:
+            of.writers -= 1
         of.refs -= 1
         if of.refs > 0:
             return
-        del self.open_files[fh]
+        del self.open_files[of.ino]
         os.close(of.fd)
-        if not self.is_open(fh):
-            self._release_orphan(fh)
+        if not self.is_open(of.ino):
+            self._release_orphan(of.ino)
 
     def _release_orphan(self, ino: int) -> None:
         """The last handle on ``ino`` closed: an unlinked file's content may go now."""
