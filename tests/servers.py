@@ -73,6 +73,26 @@ class _Server:
         self.stop()
 
 
+def _let_moto_route_newlines() -> None:
+    """S3 keys may hold LF; moto's URL rule for keys (``(?P<key_name>.+)``) stops at one,
+    so every request on such a key got 404 (PUT included). Make the rule's ``.+`` match
+    newlines too, where moto turns its URL patterns into Flask routes. This fixes the
+    server's routing and fakes nothing: requests still go over HTTP, moto stores and
+    serves the object."""
+    import moto.core.base_backend as base
+
+    convert = base.convert_regex_to_flask_path
+    if getattr(convert, "_mirrorfs_newlines", False):
+        return
+
+    def newline_safe(url_path: str) -> str:
+        return convert(url_path).replace('<regex(".+"):key_name>',
+                                         '<regex("[\\s\\S]+"):key_name>')
+
+    newline_safe._mirrorfs_newlines = True  # type: ignore[attr-defined]
+    base.convert_regex_to_flask_path = newline_safe  # type: ignore[assignment]
+
+
 class MotoS3(_Server):
     """moto in server mode, with one bucket created at the first start.
 
@@ -92,6 +112,7 @@ class MotoS3(_Server):
     def start(self) -> None:
         from moto.server import ThreadedMotoServer
 
+        _let_moto_route_newlines()
         self._server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
         self._server.start()
         self.port = self._server.get_host_and_port()[1]

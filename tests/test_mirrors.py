@@ -242,10 +242,14 @@ def test_cr_name_is_refused_for_ftp_only(make_mount: Any, s3: Any, ftp: Any,
     assert s3_objects(s3) == tree(ftp.root) == tree(m.path)
 
 
-def test_crlf_name_is_refused_for_ftp_and_kept_elsewhere(make_mount: Any, ftp: Any,
+def test_crlf_name_is_refused_for_ftp_and_kept_elsewhere(make_mount: Any, ftp: Any, s3: Any,
                                                          tmp_path: Path) -> None:
+    """A CR/LF name stays intact locally, reaches S3 (moto's key route is made to accept
+    LF, see tests/servers.py) and the directory mirror, and fails for FTP only, without a
+    stray command on the FTP control connection."""
     (tmp_path / "dirmirror").mkdir()
     m = make_mount({"ftp": {"type": "ftp", **ftp.options()},
+                    "s3": {"type": "s3", **s3.options()},
                     "dir": {"type": "dir", "path": str(tmp_path / "dirmirror")}},
                    upload_delay=0.2)
     m.expect_log(r"mirror ftp cannot store")
@@ -254,6 +258,8 @@ def test_crlf_name_is_refused_for_ftp_and_kept_elsewhere(make_mount: Any, ftp: A
     (m.path / bad).write_text("crlf")
     m.wait_for(lambda: _ftp_failed(m, bad), timeout=30)
     m.wait_for(lambda: len(tree(tmp_path / "dirmirror")) == 2, timeout=30)
+    m.wait_for(lambda: len(s3_objects(s3)) == 2, timeout=30)
+    assert s3_objects(s3) == {bad: b"crlf", "victim.txt": b"must survive"}
     assert tree(tmp_path / "dirmirror")[bad] == b"crlf"
     assert (m.path / bad).read_bytes() == b"crlf"
     m.wait_for(lambda: "victim.txt" in tree(ftp.root), timeout=30)
