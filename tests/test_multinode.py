@@ -64,15 +64,21 @@ def test_changes_on_a_reach_b(make_mount: Any, s3: Any) -> None:
     assert st["pull"]["shared"]["last_pull"] is not None
 
 
-def test_concurrent_change_leader_wins_and_loser_is_kept(make_mount: Any, s3: Any) -> None:
-    a = node(make_mount, s3, "A", leader="A")
-    b = node(make_mount, s3, "B", leader="A")
+def doc_on_two_nodes(make_mount: Any, s3: Any, leader: str) -> tuple[Mount, Mount]:
+    """Nodes A and B sharing doc.txt ("v0"), both drained, both expecting a conflict on it."""
+    a = node(make_mount, s3, "A", leader=leader)
+    b = node(make_mount, s3, "B", leader=leader)
     for m in (a, b):
         m.expect_log(r"conflict on 'doc.txt'")
     (a.path / "doc.txt").write_text("v0")
     b.wait_for(lambda: read_or_none(b.path / "doc.txt") == b"v0", timeout=30)
     drain(a)
     drain(b)
+    return a, b
+
+
+def test_concurrent_change_leader_wins_and_loser_is_kept(make_mount: Any, s3: Any) -> None:
+    a, b = doc_on_two_nodes(make_mount, s3, "A")
     admin(a, "pause")
     admin(b, "pause")
     (a.path / "doc.txt").write_text("edited on A")
@@ -191,14 +197,7 @@ def test_pull_meets_a_file_open_for_writing(make_mount: Any, s3: Any, leader: st
     a conflict, as for a journaled change, and the mount keeps answering. It used to
     fast-forward, dropping the content file under the writer, and to invalidate the inode's
     pages from the trio thread while the kernel wrote them back to that same thread: a hang."""
-    a = node(make_mount, s3, "A", leader=leader)
-    b = node(make_mount, s3, "B", leader=leader)
-    for m in (a, b):
-        m.expect_log(r"conflict on 'doc.txt'")
-    (a.path / "doc.txt").write_text("v0")
-    b.wait_for(lambda: read_or_none(b.path / "doc.txt") == b"v0", timeout=30)
-    drain(a)
-    drain(b)
+    a, b = doc_on_two_nodes(make_mount, s3, leader)
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(b.path / "doc.txt")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert writer.stdin is not None and writer.stdout is not None
