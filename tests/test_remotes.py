@@ -27,8 +27,8 @@ from mirrorfs.errors import (
     RemoteError,
     RemoteUnavailable,
 )
-from mirrorfs.remotes.base import ObjectMeta, Remote
-from mirrorfs.remotes.dir import TMP_PREFIX, DirRemote
+from mirrorfs.remotes.base import TMP_PREFIX, ObjectMeta, Remote
+from mirrorfs.remotes.dir import DirRemote
 from mirrorfs.remotes.ftp import FtpRemote
 from mirrorfs.remotes.s3 import S3Remote
 from tests.servers import MotoS3, PyFtpd, Vsftpd, free_port, silent_server

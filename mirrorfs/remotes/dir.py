@@ -20,7 +20,6 @@ import os
 import secrets
 import stat
 import threading
-import urllib.parse
 from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -36,21 +35,23 @@ from mirrorfs.errors import (
     RemoteUnavailable,
 )
 from mirrorfs.remotes.base import (
+    PROBE_PREFIX,
+    TMP_PREFIX,
     ListPage,
     ObjectMeta,
     PutResult,
     ReadStream,
     Remote,
     RemoteStat,
+    listing_order,
+    quote_key,
     retry,
+    split_key,
+    subtree_may_match,
 )
 
 log = logging.getLogger(__name__)
 
-#: Prefix of upload temp files; never listed, and refused as a key component.
-TMP_PREFIX = ".mirrorfs-tmp-"
-#: Prefix of the objects ``probe()`` writes.
-PROBE_PREFIX = ".mirrorfs-probe-"
 #: The xattr that carries ObjectMeta as JSON.
 XATTR_NAME = "user.mirrorfs"
 
@@ -61,55 +62,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 T = TypeVar("T")
-
-
-def split_key(key: str) -> list[str]:
-    """Split a relative key into path components, refusing anything that could leave the base.
-
-    Keys come from filenames, but a damaged journal or a bug upstream must not turn into a write
-    to ``/etc``: absolute keys, ``..``, empty components and NUL are refused here, once, for
-    every path-based mirror.
-    """
-    if not key:
-        raise InvalidKey("empty key")
-    if "\0" in key:
-        raise InvalidKey(f"key {key!r} contains a NUL byte")
-    if key.startswith("/"):
-        raise InvalidKey(f"key {key!r} is absolute; keys are relative to the mirror's base")
-    parts = key.split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise InvalidKey(f"key {key!r} has an empty, '.' or '..' path component")
-        if part.startswith(TMP_PREFIX):
-            raise InvalidKey(f"key {key!r} uses the reserved prefix {TMP_PREFIX!r}")
-    return parts
-
-
-def subtree_may_match(dir_key: str, prefix: str, cursor: str | None) -> bool:
-    """Whether a directory (``dir_key`` ends with "/") can hold keys a list page still wants.
-
-    Every key below the directory starts with ``dir_key``; if that string is before the cursor
-    and the cursor is not itself inside the directory, every key below is before it too.
-    """
-    if not (dir_key.startswith(prefix) or prefix.startswith(dir_key)):
-        return False
-    return cursor is None or cursor.startswith(dir_key) or dir_key > cursor
-
-
-def listing_order(name: str, is_dir: bool) -> str:
-    """Sort key for one directory's entries that makes a depth-first walk yield keys in order.
-
-    A directory sorts as ``name + "/"`` because that is what all of its keys start with; a file
-    name has no "/", so it can never fall between two keys of the same directory.
-    """
-    return name + "/" if is_dir else name
-
-
-def quote_key(url_base: str | None, key: str) -> str | None:
-    """URL of ``key`` under ``url_base`` (bytes of non-UTF-8 names are percent-encoded raw)."""
-    if not url_base:
-        return None
-    return url_base.rstrip("/") + "/" + urllib.parse.quote(os.fsencode(key), safe="/")
 
 
 def _oserror(exc: OSError, what: str) -> Exception:

@@ -46,19 +46,17 @@ from mirrorfs.errors import (
     RemoteUnavailable,
 )
 from mirrorfs.remotes.base import (
+    PROBE_PREFIX,
+    TMP_PREFIX,
     ListPage,
     ObjectMeta,
     PutResult,
     ReadStream,
     Remote,
     RemoteStat,
-    retry,
-)
-from mirrorfs.remotes.dir import (
-    PROBE_PREFIX,
-    TMP_PREFIX,
     listing_order,
     quote_key,
+    retry,
     split_key,
     subtree_may_match,
 )

@@ -41,15 +41,16 @@ from mirrorfs.errors import (
 from mirrorfs.remotes.base import (
     META_HASH,
     META_SIZE,
+    PROBE_PREFIX,
     ListPage,
     ObjectMeta,
     PutResult,
     ReadStream,
     Remote,
     RemoteStat,
+    quote_key,
     retry,
 )
-from mirrorfs.remotes.dir import PROBE_PREFIX, quote_key
 
 log = logging.getLogger(__name__)
 
