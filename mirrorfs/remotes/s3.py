@@ -313,7 +313,8 @@ class S3Remote(Remote):
 
         A multipart upload created without an algorithm leaves the server to compute a
         whole-object checksum at completion (moto does it in Python: 1 GiB took ~10 s); with
-        CRC32 per part it combines the parts' checksums instead.
+        CRC32 per part it combines the parts' checksums instead. Call it in a worker thread:
+        the first call makes the boto3 client.
         """
         mode = self._get_client().meta.config.request_checksum_calculation
         return {"ChecksumAlgorithm": "CRC32"} if mode == "when_supported" else {}
@@ -362,14 +363,16 @@ class S3Remote(Remote):
         try:
             size = os.fstat(fd).st_size
             part_size = max(self.multipart_chunksize, math.ceil(size / MAX_PARTS))
+            checksum = await self._run(f"put {full}", self._part_checksum)
             resp = await self._s3("create_multipart_upload", f"put {full}", Key=full,
                                   Metadata=meta.as_dict(), ContentType=_content_type(full),
-                                  **self._storage(), **self._part_checksum())
+                                  **self._storage(), **checksum)
             upload_id = resp["UploadId"]
             try:
                 parts: dict[int, dict[str, str]] = {}
                 hasher = xxhash.xxh3_128()
-                total = await self._send_parts(full, upload_id, fd, part_size, hasher, parts)
+                total = await self._send_parts(full, upload_id, fd, part_size, hasher, parts,
+                                               checksum)
                 done = await self._complete(full, upload_id, parts, f"put {full}")
             except BaseException:
                 await self._abort(full, upload_id, f"upload of {full}")
@@ -379,7 +382,8 @@ class S3Remote(Remote):
         return PutResult(size=total, xxhash=hasher.hexdigest(), etag=_etag(done.get("ETag")))
 
     async def _send_parts(self, full: str, upload_id: str, fd: int, part_size: int,
-                          hasher: Any, parts: dict[int, dict[str, str]]) -> int:
+                          hasher: Any, parts: dict[int, dict[str, str]],
+                          checksum: dict[str, str]) -> int:
         """Read parts in order and hand them to ``part_uploaders`` tasks; returns bytes sent.
 
         A part is read only with one of the mirror's ``_part_slots``, given back once it is
@@ -391,7 +395,8 @@ class S3Remote(Remote):
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(self.part_uploaders):
-                    nursery.start_soon(self._part_worker, full, upload_id, recv.clone(), parts)
+                    nursery.start_soon(self._part_worker, full, upload_id, recv.clone(), parts,
+                                       checksum)
                 recv.close()
                 async with send:
                     number = 1
@@ -421,19 +426,20 @@ class S3Remote(Remote):
 
     async def _part_worker(self, full: str, upload_id: str,
                            recv: trio.MemoryReceiveChannel[tuple[int, bytes]],
-                           parts: dict[int, dict[str, str]]) -> None:
+                           parts: dict[int, dict[str, str]],
+                           checksum: dict[str, str]) -> None:
         async with recv:
             async for number, data in recv:
                 try:
-                    parts[number] = await self._upload_part(full, upload_id, number, data)
+                    parts[number] = await self._upload_part(full, upload_id, number, data,
+                                                            checksum)
                 finally:
                     self._part_slots.release()
 
     @retry(attempts=3)
-    async def _upload_part(self, full: str, upload_id: str, number: int,
-                           data: bytes) -> dict[str, str]:
+    async def _upload_part(self, full: str, upload_id: str, number: int, data: bytes,
+                           checksum: dict[str, str]) -> dict[str, str]:
         """The part's entry for CompleteMultipartUpload: its ETag and checksum if any."""
-        checksum = self._part_checksum()
         resp = await self._s3("upload_part", f"put {full} part {number}", Key=full,
                               UploadId=upload_id, PartNumber=number, Body=data, **checksum)
         entry = {"ETag": str(resp["ETag"])}
