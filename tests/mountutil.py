@@ -43,6 +43,15 @@ def write_config(path: Path, top: dict[str, Any], mirrors: dict[str, dict[str, A
     return path
 
 
+def drop_page_cache(path: str | bytes | os.PathLike[str]) -> None:
+    """Forget the kernel's cached pages of one file, so the next read reaches the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     p = os.path.realpath(path)
     with open("/proc/self/mounts") as f:

@@ -73,6 +73,19 @@ class _Server:
         self.stop()
 
 
+def bucket_objects(s3: Any, bucket: str | None = None) -> dict[str, bytes]:
+    """Every object of a bucket (``s3.bucket`` by default) with its bytes, but the mirror's
+    own objects (``.mirrorfs-`` probes and temporaries), which come and go on their own."""
+    c = s3.client()
+    bucket = bucket or s3.bucket
+    out = {}
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            if not o["Key"].startswith(".mirrorfs-"):
+                out[o["Key"]] = c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+    return out
+
+
 def _let_moto_route_newlines() -> None:
     """S3 keys may hold LF; moto's URL rule for keys (``(?P<key_name>.+)``) stops at one,
     so every request on such a key got 404 (PUT included). Make the rule's ``.+`` match

@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 import xxhash
 
-from tests.mountutil import is_mounted
+from tests.mountutil import drop_page_cache, is_mounted
+from tests.servers import bucket_objects as s3_tree
 from tests.test_cli import EXIT_USAGE, cli
 from tests.test_mirrors import admin, drain
 
@@ -40,25 +41,6 @@ def expect_errno(err: int, fn: Any, *args: Any) -> None:
     with pytest.raises(OSError) as info:
         fn(*args)
     assert info.value.errno == err, (fn, args, info.value)
-
-
-def drop_page_cache(path: str | bytes | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def s3_tree(s3: Any, bucket: str | None = None) -> dict[str, bytes]:
-    c = s3.client()
-    out = {}
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket or s3.bucket):
-        for o in page.get("Contents", []):
-            if not o["Key"].startswith(".mirrorfs-"):
-                out[o["Key"]] = c.get_object(Bucket=bucket or s3.bucket,
-                                             Key=o["Key"])["Body"].read()
-    return out
 
 
 def files_below(root: Path | bytes) -> dict[bytes, bytes]:

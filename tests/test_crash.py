@@ -36,6 +36,7 @@ import pytest
 import xxhash
 
 from tests.mountutil import Mount, lazy_unmount
+from tests.servers import bucket_objects as s3_tree
 from tests.test_mirrors import admin, drain, tree
 
 ITERATIONS = int(os.environ.get("MIRRORFS_CRASH_ITERATIONS", "50"))
@@ -214,16 +215,6 @@ def remove_tmp_files(mnt: Path) -> int:
                 os.unlink(entry.path)
                 n += 1
     return n
-
-
-def s3_tree(s3: Any) -> dict[str, bytes]:
-    c = s3.client()
-    out = {}
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket):
-        for o in page.get("Contents", []):
-            if not o["Key"].startswith(".mirrorfs-"):
-                out[o["Key"]] = c.get_object(Bucket=s3.bucket, Key=o["Key"])["Body"].read()
-    return out
 
 
 def crash(m: Mount, child: int) -> None:

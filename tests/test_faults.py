@@ -30,7 +30,8 @@ import pytest
 import xxhash
 
 from tests.faultproxy import FaultProxy
-from tests.mountutil import Mount
+from tests.mountutil import Mount, drop_page_cache
+from tests.servers import bucket_objects as s3_objects
 from tests.test_mirrors import admin, drain, tree
 
 MiB = 1 << 20
@@ -57,28 +58,6 @@ def expect_fault_logs(m: Mount) -> None:
     for pattern in (r"is unreachable", r"failed \(attempt", r"could not abort",
                     r"download of .* failed", r"no mirror has good bytes"):
         m.expect_log(pattern)
-
-
-def drop_page_cache(path: Path) -> None:
-    """Forget the kernel's cached pages of one file, so the next read reaches the daemon."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def s3_objects(s3: Any) -> dict[str, bytes]:
-    """Every object in the test's bucket but the mirror's own probe objects, which come and
-    go while the mirror is being probed."""
-    c = s3.client()
-    out = {}
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket):
-        for o in page.get("Contents", []):
-            if o["Key"].startswith(".mirrorfs-probe-"):
-                continue
-            out[o["Key"]] = c.get_object(Bucket=s3.bucket, Key=o["Key"])["Body"].read()
-    return out
 
 
 def local_files(m: Mount) -> dict[str, bytes]:

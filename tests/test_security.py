@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.mountutil import REPO
+from tests.mountutil import REPO, drop_page_cache
 from tests.servers import PyFtpd
 from tests.test_mirrors import admin, drain
 from tests.test_posix import as_user, content_path, other_user
@@ -50,14 +50,6 @@ def open_dir() -> Iterator[Path]:
     os.chmod(d, 0o755)
     yield d
     subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def files_below(root: Path) -> dict[str, bytes]:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.mountutil import Mount, write_config  # noqa: E402
 from tests.servers import MotoS3, PyFtpd  # noqa: E402
+from tests.servers import bucket_objects as s3_objects  # noqa: E402
 from tests.test_concurrency import (  # noqa: E402
     DIRS,
     NAMES,
@@ -73,16 +74,6 @@ def files_below(root: Path) -> dict[str, bytes]:
             p = Path(dirpath) / f
             if not f.startswith(".mirrorfs-") and not p.is_symlink():
                 out[str(p.relative_to(root))] = p.read_bytes()
-    return out
-
-
-def s3_objects(s3: MotoS3) -> dict[str, bytes]:
-    c = s3.client()
-    out = {}
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket):
-        for o in page.get("Contents", []):
-            if not o["Key"].startswith(".mirrorfs-"):
-                out[o["Key"]] = c.get_object(Bucket=s3.bucket, Key=o["Key"])["Body"].read()
     return out
 
 
