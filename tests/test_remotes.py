@@ -423,10 +423,11 @@ def test_s3_failed_multipart_is_aborted(moto: MotoS3, tmp_path: Path) -> None:
         assert isinstance(r, S3Remote)
         real = r._upload_part
 
-        async def failing(full: str, upload_id: str, number: int, data: bytes) -> str:
+        async def failing(full: str, upload_id: str, number: int, data: bytes,
+                          checksum: dict[str, str]) -> dict[str, str]:
             if number == 2:
                 raise PermanentRemoteError("injected failure of part 2")
-            return await real(full, upload_id, number, data)
+            return await real(full, upload_id, number, data, checksum)
 
         r._upload_part = failing  # type: ignore[method-assign]
         with pytest.raises(PermanentRemoteError, match="injected"):
@@ -447,10 +448,11 @@ def test_s3_cancelled_multipart_is_aborted(moto: MotoS3, tmp_path: Path) -> None
         real = r._upload_part
         first_part_sent = trio.Event()
 
-        async def watched(full: str, upload_id: str, number: int, data: bytes) -> str:
-            etag = await real(full, upload_id, number, data)
+        async def watched(full: str, upload_id: str, number: int, data: bytes,
+                          checksum: dict[str, str]) -> dict[str, str]:
+            entry = await real(full, upload_id, number, data, checksum)
             first_part_sent.set()
-            return etag
+            return entry
 
         r._upload_part = watched  # type: ignore[method-assign]
         async with trio.open_nursery() as nursery:
