@@ -27,6 +27,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from mirrorfs.cache.db import F_ORPHAN, LOCAL_FULL, ROOT_INO, Inode
+from mirrorfs.cache.fetch import FH_BASE
 from mirrorfs.cache.registry import FsError, Registry, now_ns
 from mirrorfs.errors import MirrorfsError, to_errno
 
@@ -62,14 +63,13 @@ def handler(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return wrapper
 
 
-#: Set in the handle of an open for writing (the rest is the inode number): release then
-#: knows a writer went away. Handles of downloads start at fetch.FH_BASE (1 << 48).
-WRITER = 1 << 62
-
-
 @dataclass
 class OpenFile:
-    """One content-file descriptor per inode, shared by every handle on it."""
+    """One content-file descriptor per inode, shared by every handle on it.
+
+    Normally the inode's current one (``Operations.open_files``); a pull that replaces the
+    content file detaches it (:meth:`Operations.detach`): its handles keep the old content
+    until they are released, new opens get a new OpenFile."""
 
     ino: int
     fd: int
@@ -100,7 +100,14 @@ class Operations(pyfuse3.Operations):
         self.fetcher = fetcher
         self.space = space
         self.stats = stats
+        #: inode -> its current OpenFile (the one new opens share)
         self.open_files: dict[int, OpenFile] = {}
+        #: handle -> (its OpenFile, opened for writing). One handle per open/create, numbered
+        #: below fetch.FH_BASE, where the handles of downloads start.
+        self.handles: dict[int, tuple[OpenFile, bool]] = {}
+        #: inode -> how many detached OpenFiles still have handles on it
+        self.detached: dict[int, int] = {}
+        self._fhs = itertools.count(1)
         # directory handle -> (inode, listing taken at offset 0)
         self.open_dirs: dict[int, tuple[int, list[tuple[bytes, int]]]] = {}
         self._dir_fhs = itertools.count(1)
@@ -109,8 +116,8 @@ class Operations(pyfuse3.Operations):
         self.on_commit: Callable[[Inode], None] = lambda node: None
 
     def is_open(self, ino: int) -> bool:
-        return ino in self.open_files or (self.fetcher is not None
-                                          and self.fetcher.has_handles(ino))
+        return ino in self.open_files or ino in self.detached or (
+            self.fetcher is not None and self.fetcher.has_handles(ino))
 
     # ------------------------------------------------------------ attributes
 
@@ -313,6 +320,29 @@ class Operations(pyfuse3.Operations):
         of.refs += 1
         return of
 
+    def _new_handle(self, of: OpenFile, writing: bool) -> int:
+        fh = next(self._fhs)
+        if fh >= FH_BASE:  # after 2**48 opens: number again, around the handles still open
+            self._fhs = itertools.count(1)
+            fh = next(self._fhs)
+        while fh in self.handles:
+            fh = next(self._fhs)
+        self.handles[fh] = (of, writing)
+        return fh
+
+    def _of(self, fh: int) -> OpenFile | None:
+        entry = self.handles.get(fh)
+        return entry[0] if entry is not None else None
+
+    def detach(self, ino: int) -> None:
+        """The content file of ``ino`` is about to be replaced (a pull takes another node's
+        version): the handles open on it keep the old file until released, the next open
+        opens the new one. The caller checked that none of them writes (``_dirty_here``): a
+        commit from a detached handle would describe the old file."""
+        of = self.open_files.pop(ino, None)
+        if of is not None:
+            self.detached[ino] = self.detached.get(ino, 0) + 1
+
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         writing = flags & (os.O_WRONLY | os.O_RDWR) != 0
@@ -343,7 +373,7 @@ class Operations(pyfuse3.Operations):
             # data not yet committed (registry size 0).
             os.ftruncate(of.fd, 0)
             self.on_commit(self.reg.setattr(inode, size=0))
-        return pyfuse3.FileInfo(fh=inode | WRITER if writing else inode, keep_cache=True)
+        return pyfuse3.FileInfo(fh=self._new_handle(of, writing), keep_cache=True)
 
     @handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -361,11 +391,11 @@ class Operations(pyfuse3.Operations):
         of.dirty = True  # committed (and journaled) at the first flush, even if empty
         if self.space is not None:
             self.space.touch(node.ino)
-        return pyfuse3.FileInfo(fh=node.ino | WRITER, keep_cache=True), self._attrs(node)
+        return pyfuse3.FileInfo(fh=self._new_handle(of, True), keep_cache=True), self._attrs(node)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        of = self.open_files.get(fh & ~WRITER)
+        of = self._of(fh)
         if of is None:
             if self.fetcher is not None and self.fetcher.owns(fh):
                 return await self.fetcher.read(fh, off, size)
@@ -374,7 +404,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        of = self.open_files.get(fh & ~WRITER)
+        of = self._of(fh)
         if of is None:
             raise FUSEError(errno.EBADF)
         if self.space is not None:
@@ -405,13 +435,13 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def flush(self, fh: int) -> None:
-        of = self.open_files.get(fh & ~WRITER)
+        of = self._of(fh)
         if of is not None:
             self._commit_if_dirty(of)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        of = self.open_files.get(fh & ~WRITER)
+        of = self._of(fh)
         if of is None:
             return
         await trio.to_thread.run_sync(os.fsync, of.fd, limiter=self.fsync_limiter)
@@ -420,21 +450,27 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def release(self, fh: int) -> None:
-        of = self.open_files.get(fh & ~WRITER)
-        if of is None:
+        entry = self.handles.pop(fh, None)
+        if entry is None:
             if self.fetcher is not None and self.fetcher.owns(fh):
                 ino = self.fetcher.release(fh)
                 if ino is not None and not self.is_open(ino):
                     self._release_orphan(ino)
             return
+        of, writing = entry
         self._commit_if_dirty(of)
-        if fh & WRITER:
+        if writing:
             of.writers -= 1
         of.refs -= 1
         if of.refs > 0:
             return
-        del self.open_files[of.ino]
         os.close(of.fd)
+        if self.open_files.get(of.ino) is of:
+            del self.open_files[of.ino]
+        elif self.detached[of.ino] > 1:
+            self.detached[of.ino] -= 1
+        else:
+            del self.detached[of.ino]
         if not self.is_open(of.ino):
             self._release_orphan(of.ino)
 
@@ -572,15 +608,20 @@ class Operations(pyfuse3.Operations):
 
     def close_all(self) -> None:
         """Unmount: commit what handles still hold (the kernel may not send release)."""
-        for of in list(self.open_files.values()):
+        files = {id(of): of for of in self.open_files.values()}
+        files.update((id(of), of) for of, _writing in self.handles.values())  # and detached
+        for of in files.values():
             try:
-                self._commit_if_dirty(of)
+                if self.open_files.get(of.ino) is of:
+                    self._commit_if_dirty(of)
                 os.close(of.fd)
             except Exception:
                 log.exception("committing inode %d at unmount", of.ino)
-        orphans = [ino for ino in self.open_files
+        orphans = [ino for ino in {of.ino for of in files.values()}
                    if (node := self.reg.get(ino)) is not None and node.flags & F_ORPHAN]
         self.open_files.clear()
+        self.handles.clear()
+        self.detached.clear()
         for ino in orphans:  # unlinked while open: their last close is now
             if self.reg.release_orphan(ino):
                 self.store.remove(ino)

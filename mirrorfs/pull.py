@@ -404,6 +404,8 @@ class Sync:
         old_size = node.size
         if node.local == LOCAL_FULL:
             reg.set_local(txn, node, LOCAL_NONE)
+            if self.d.ops is not None:  # readers keep the old file, new opens get the new one
+                self.d.ops.detach(node.ino)
             self.d.store.remove(node.ino)
         node.ver += 1
         node.size = int(rec["size"])

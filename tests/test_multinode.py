@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from tests.mountutil import Mount
+from tests.mountutil import Mount, drop_page_cache
 from tests.test_admin import _interrupt_after_progress
 from tests.test_mirrors import admin, drain
 
@@ -237,3 +237,30 @@ def test_pull_meets_a_file_open_for_writing(make_mount: Any, s3: Any, leader: st
     drain(b)
     assert a.wait_for(settled, timeout=30)
     assert s3.client().get_object(Bucket=s3.bucket, Key="doc.txt")["Body"].read() == winner
+
+
+def test_pull_meets_a_file_open_for_reading_then_a_writer(make_mount: Any, s3: Any) -> None:
+    """A change pulled while the file is open read-only here replaces its content file; the
+    reader keeps the old one (a snapshot). A later open for writing, while that reader still
+    holds its handle, must write to the new content file: it used to share the reader's
+    descriptor on the old, unlinked file, and its bytes were lost at close."""
+    a, b = doc_on_two_nodes(make_mount, s3, "A")
+    ours = b"written on B while a reader holds the old version"
+    with open(b.path / "doc.txt", "rb") as reader:
+        assert reader.read() == b"v0"
+        applied = admin(b, "stats")["pull"]["shared"]["applied"]
+        (a.path / "doc.txt").write_text("edited on A")
+        drain(a)
+        # Not "B reads the new content": the kernel keeps the size of an inode that stays
+        # open (writeback cache), so a fresh open sees only the first two bytes of it.
+        b.wait_for(lambda: admin(b, "stats")["pull"]["shared"]["applied"] > applied,
+                   timeout=30)
+        (b.path / "doc.txt").write_bytes(ours)
+        drop_page_cache(b.path / "doc.txt")
+        assert (b.path / "doc.txt").read_bytes() == ours
+        drain(b)
+        assert s3.client().get_object(Bucket=s3.bucket, Key="doc.txt")["Body"].read() == ours
+    drop_page_cache(b.path / "doc.txt")
+    assert (b.path / "doc.txt").read_bytes() == ours
+    a.wait_for(lambda: read_or_none(a.path / "doc.txt") == ours, timeout=30)
+    assert not [n for m in (a, b) for n in os.listdir(m.path) if ".conflict-" in n]
