@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -207,6 +208,45 @@ def test_read_far_ahead_uses_a_ranged_request(make_mount: Any, s3: Any) -> None:
         f.seek(0)
         assert f.read(1000) == data[:1000]
     assert (m.path / "seek.bin").read_bytes() == data
+
+
+def _download_seconds(m: Mount, name: str) -> float | None:
+    found = re.findall(rf"downloaded {name} \(inode \d+, \d+ bytes\) from \S+ in ([\d.]+) s",
+                       m.log_text())
+    return float(found[-1]) if found else None
+
+
+def test_stream_keeps_pace_with_a_slow_reader_and_not_an_idle_one(make_mount: Any,
+                                                                    s3: Any) -> None:
+    """The stream stays within the memory ring of a reader that reads (one that fell out of
+    it would read the cache file instead, at half the speed), and runs on to the end when
+    the reader stops reading."""
+    m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
+    data = os.urandom(128 * MiB)
+    (m.path / "slow.bin").write_bytes(data)
+    drain(m)
+    evict(m, m.path / "slow.bin")
+    got = bytearray()
+    t0 = time.monotonic()
+    with open(m.path / "slow.bin", "rb", buffering=0) as f:
+        while piece := f.read(MiB):
+            got += piece
+            time.sleep(0.02)
+    reader = time.monotonic() - t0
+    assert got == data
+    took = m.wait_for(lambda: _download_seconds(m, "slow.bin"))
+    # Paced, the stream ends when the reader is at most ~12 chunks (48 MiB) behind it:
+    # after ~80 of the reader's 128 MiB. Unpaced, moto sends 128 MiB in a fraction of it.
+    assert took > 0.5 * reader, (took, reader)
+
+    evict(m, m.path / "slow.bin")
+    with open(m.path / "slow.bin", "rb", buffering=0) as f:
+        assert f.read(MiB) == data[:MiB]
+        # no more reads: the download must not wait for this reader
+        took = m.wait_for(lambda: _download_seconds(m, "slow.bin") != took
+                          and _download_seconds(m, "slow.bin"), timeout=60)
+        assert f.read() == data[MiB:]
+    assert took < 30
 
 
 def test_corrupt_first_mirror_reads_from_second_then_eio(make_mount: Any, s3: Any) -> None:
