@@ -19,6 +19,7 @@ from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
 from mirrorfs.errors import ConfigError
 from mirrorfs.maintenance import cmd_import, cmd_verify, probe_all
+from mirrorfs.pagecache import PageDropper, session_fd
 from mirrorfs.pull import Sync, cmd_conflicts, cmd_pull
 from mirrorfs.remotes.base import Remote, make_remote
 from mirrorfs.space import Space
@@ -126,6 +127,8 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
                       is_up=lambda name: all(m.up for m in uploader.by_name(name)),
                       space=space)
     daemon.fetcher = fetcher
+    if not cfg.stream_direct_io:
+        fetcher.dropper = PageDropper(session_fd())
     daemon.space = space
     ops.fetcher, ops.space, ops.stats = fetcher, space, stats
     space.is_busy = lambda ino: ino in ops.open_files or ino in fetcher.downloads

@@ -52,6 +52,36 @@ def drop_page_cache(path: str | bytes | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def resident_bytes(path: str | bytes | os.PathLike[str]) -> int:
+    """How much of a file the kernel holds in its page cache: mincore(2) of a shared map."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if not size:
+            return 0
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), f"mmap of {path!r}")
+        try:
+            vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path!r}")
+            return sum(b & 1 for b in vec.raw) * mmap.PAGESIZE
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     p = os.path.realpath(path)
     with open("/proc/self/mounts") as f:

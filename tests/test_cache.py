@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.mountutil import Mount
+from tests.mountutil import Mount, resident_bytes
 from tests.test_mirrors import admin, drain
 
 MiB = 1 << 20
@@ -247,6 +247,25 @@ def test_stream_keeps_pace_with_a_slow_reader_and_not_an_idle_one(make_mount: An
                           and _download_seconds(m, "slow.bin"), timeout=60)
         assert f.read() == data[MiB:]
     assert took < 30
+
+
+def test_streamed_read_drops_the_pages_behind_its_reader(make_mount: Any, s3: Any) -> None:
+    """A cold read leaves only its last pages in the kernel's page cache of the mount (the
+    bytes are in the cache file), and the file reads back the same from there."""
+    m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
+    data = os.urandom(128 * MiB)
+    (m.path / "big.bin").write_bytes(data)
+    drain(m)
+    evict(m, m.path / "big.bin")
+    got = bytearray()
+    with open(m.path / "big.bin", "rb", buffering=0) as f:
+        while piece := f.read(MiB):
+            got += piece
+    assert got == data
+    m.wait_for(lambda: _download_seconds(m, "big.bin"))
+    # DROP_LAG + DROP_STEP = 40 MiB at most; without the drop-behind all 128 MiB stay
+    assert resident_bytes(m.path / "big.bin") <= 48 * MiB
+    assert (m.path / "big.bin").read_bytes() == data
 
 
 def test_corrupt_first_mirror_reads_from_second_then_eio(make_mount: Any, s3: Any) -> None:

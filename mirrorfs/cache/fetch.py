@@ -49,6 +49,7 @@ from mirrorfs.remotes.base import CHUNK_SIZE, ReadStream, Remote
 if TYPE_CHECKING:
     from mirrorfs.cache.registry import Registry
     from mirrorfs.cache.store import Store
+    from mirrorfs.pagecache import PageDropper
     from mirrorfs.space import Space
     from mirrorfs.stats import RuntimeStats
 
@@ -72,6 +73,9 @@ WRITE_QUEUE = 4
 DIRECT_ALIGN = 4096
 #: a reader that has not read for this long (seconds) no longer holds the stream back
 READER_IDLE = 0.25
+#: the kernel's cached pages of a streamed file are dropped this far behind its slowest
+#: reader, this much at a time (see Fetcher._drop_behind)
+DROP_LAG, DROP_STEP = 8 << 20, 32 << 20
 
 
 @dataclass
@@ -107,6 +111,7 @@ class Download:
     #: handle -> (chunk of its last read, trio time of that read): see Fetcher._pace
     readers: dict[int, tuple[int, float]] = field(default_factory=dict)
     reader_moved: trio.Event = field(default_factory=trio.Event)
+    dropped_to: int = 0  # the kernel's pages of the file before this offset were dropped
     scopes: list[trio.CancelScope] = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -150,6 +155,10 @@ class Fetcher:
         self.handles: dict[int, int] = {}  # fh -> ino
         self._next_fh = FH_BASE
         self.on_complete: Callable[[int], None] = lambda ino: None
+        #: drops the pages streamed readers left behind; None: keep them (direct I/O opens
+        #: have none, and unmounted there is no kernel)
+        self.dropper: PageDropper | None = None
+        self._drop_limiter = trio.CapacityLimiter(1)
 
     # ------------------------------------------------------------ handles
 
@@ -188,9 +197,8 @@ class Fetcher:
         dl = self.downloads[self.handles[fh]]
         if off >= dl.size:
             return b""
-        if not dl.done:
-            dl.readers[fh] = (off // CHUNK_SIZE, trio.current_time())
-            dl.reader_moved.set()
+        dl.readers[fh] = (off // CHUNK_SIZE, trio.current_time())
+        dl.reader_moved.set()
         while not dl.covered(off, size):
             if dl.error:
                 raise FUSEError(errno.EIO)
@@ -200,7 +208,26 @@ class Fetcher:
                 raise FUSEError(errno.EIO)
             self._maybe_ranged(dl, off)
             await dl.progress.wait()
+        if self.dropper is not None:
+            self._drop_behind(dl)
         return _read_range(dl, off, min(size, dl.size - off))
+
+    def _drop_behind(self, dl: Download) -> None:
+        """Drop the kernel's pages of the file DROP_LAG behind its slowest reader (see
+        mirrorfs/pagecache.py for why). Their bytes are in the cache file: a reader that goes
+        back gets them from there."""
+        low = min(pos for pos, _t in dl.readers.values()) * CHUNK_SIZE - DROP_LAG
+        if low - dl.dropped_to < DROP_STEP:
+            return
+        off, dl.dropped_to = dl.dropped_to, low
+        dropper = self.dropper
+        assert dropper is not None
+
+        async def drop() -> None:
+            await trio.to_thread.run_sync(dropper.drop, dl.ino, off, low - off,
+                                          limiter=self._drop_limiter)
+
+        self.nursery.start_soon(drop)
 
     def _chunks(self, dl: Download, off: int, size: int) -> range:
         last = min(off + size, dl.size) - 1
