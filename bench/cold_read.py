@@ -7,9 +7,13 @@ a streamed boto3 ``get_object`` of the same object from the same server, alterna
 Issue 4's throughput goal, with the option that decides it on VMs whose fresh page-cache
 pages are expensive. Both mounts mirror to one moto server (its own process), each into its
 own bucket; their cache dirs share one fresh ext4 loop image (bench/run.py's LoopFs). Each
-repetition: for each mount, ``mirrorfs evict`` then ``drop_caches`` then one reader process
-reading 1 MiB at a time; for boto3, ``drop_caches`` then one streamed GET in its own
-process. The CPU seconds the daemon and moto spent are reported next to the times.
+repetition, in an order rotated each time: for each mount, ``mirrorfs evict`` then
+``drop_caches`` then one reader process reading 1 MiB at a time; for boto3, ``drop_caches``
+then one streamed GET in its own process. The CPU seconds the daemon and moto spent are
+reported next to the times.
+
+Two more mounts read the same way from a directory mirror on tmpfs (/dev/shm): no network and
+no moto, so their speed is the ceiling of mirrorfs's own read path on this machine.
 
 Measures and reports; asserts nothing. Writes bench/results/<date>-cold-read.md and .json.
 """
@@ -20,6 +24,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,12 +38,24 @@ import run as B  # noqa: E402  (bench/run.py: Moto, Bucket, LoopFs, workers, dro
 
 from tests.mountutil import Mount, write_config  # noqa: E402
 
-VARIANTS = {"mirrorfs": {}, "mirrorfs-dio": {"stream_direct_io": True}}
+VARIANTS: dict[str, dict[str, object]] = {"mirrorfs": {},
+                                          "mirrorfs-dio": {"stream_direct_io": True}}
+#: the same read path fed by a directory mirror on tmpfs: its ceiling without network
+CEILING: dict[str, dict[str, object]] = {"tmpfs-mirror": {},
+                                          "tmpfs-mirror-dio": {"stream_direct_io": True}}
+SHM = Path("/dev/shm/mirrorfs-cold-read")
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def main() -> int:
@@ -52,7 +69,7 @@ def main() -> int:
     B.clean_stale()
     fs = B.LoopFs("8G")
     moto = B.Moto()
-    mounts: dict[str, tuple[Mount, B.Bucket]] = {}
+    mounts: dict[str, tuple[Mount, B.Bucket | None]] = {}
     res: dict[str, list[dict[str, float]]] = {}
     try:
         root = fs.start()
@@ -61,14 +78,20 @@ def main() -> int:
         with open(src, "wb") as f:
             for _ in range(args.size_mib):
                 f.write(os.urandom(B.MiB))
-        for name, top in VARIANTS.items():
-            bucket = B.Bucket(moto, f"cold-{name}")
+        shutil.rmtree(SHM, ignore_errors=True)
+        for name, top in {**VARIANTS, **CEILING}.items():
+            bucket = None
+            if name in CEILING:
+                (SHM / name).mkdir(parents=True)
+                mirror: dict[str, object] = {"type": "dir", "path": str(SHM / name)}
+            else:
+                bucket = B.Bucket(moto, f"cold-{name}")
+                mirror = {"type": "s3", "endpoint_url": moto.endpoint, "bucket": bucket.name,
+                          "region": B.REGION, "addressing_style": "path",
+                          "concurrency": B.CONCURRENCY, **B.CREDS}
             conf = write_config(B.WORK / f"cold-{name}.toml", {
                 "cache_dir": str(root / f"cache-{name}"), "upload_delay": 1,
-                "log_level": "INFO", **top}, {"s3": {
-                    "type": "s3", "endpoint_url": moto.endpoint, "bucket": bucket.name,
-                    "region": B.REGION, "addressing_style": "path",
-                    "concurrency": B.CONCURRENCY, **B.CREDS}})
+                "log_level": "INFO", **top}, {"m": mirror})
             (B.WORK / "logs").mkdir(exist_ok=True)
             m = Mount(conf, B.WORK / f"mnt-cold-{name}", B.WORK / "logs" / f"cold-{name}.log")
             m.start(60)
@@ -76,11 +99,20 @@ def main() -> int:
             mounts[name] = (m, bucket)
             subprocess.run(["dd", f"if={src}", f"of={m.path / 'big.dat'}", "bs=1M",
                             "conv=fsync"], check=True, capture_output=True)
-            B.wait_until(lambda b=bucket: b.size_of("big.dat") == size, 600, 0.2)
+            if bucket is not None:
+                B.wait_until(lambda b=bucket: b.size_of("big.dat") == size, 600, 0.2)
+            else:
+                B.wait_until(lambda n=name: _size(SHM / n / "big.dat") == size, 600, 0.2)
             B.log(f"{name}: uploaded")
-        ref = next(iter(mounts.values()))[1].name
+        ref_bucket = next(iter(mounts.values()))[1]
+        assert ref_bucket is not None
+        ref = ref_bucket.name
+        order = [*VARIANTS, "boto3", *CEILING]
         for rep in range(args.reps):
-            for name in [*VARIANTS, "boto3"]:
+            # rotated each repetition: a read right after others freed a lot of memory gets
+            # fresh pages (moto's copy of the object too), so no system should always go first
+            k = rep % len(order)
+            for name in order[k:] + order[:k]:
                 before = {"moto": cpu_seconds(moto.proc.pid)}  # type: ignore[union-attr]
                 if name == "boto3":
                     B.drop_caches()
@@ -91,8 +123,8 @@ def main() -> int:
                     e = subprocess.run([B.PY, "-m", "mirrorfs.cli", "evict", str(m.path /
                                         "big.dat")], cwd=B.REPO, capture_output=True,
                                        text=True, check=False)
-                    if e.returncode:
-                        raise RuntimeError(f"evict failed: {e.stderr.strip()[-300:]}")
+                    if e.returncode or "evicted: 1 " not in e.stdout:
+                        raise RuntimeError(f"evict failed: {(e.stdout + e.stderr)[-300:]}")
                     B.drop_caches()
                     r = B.worker("readfile", path=str(m.path / "big.dat"))
                     before["daemon"] = cpu_seconds(m.pid) - before["daemon"]
@@ -113,6 +145,7 @@ def main() -> int:
             B.forget_pid(pid)
         moto.stop()
         fs.stop()
+        shutil.rmtree(SHM, ignore_errors=True)
     report(res, args, size)
     return 0
 
@@ -130,13 +163,20 @@ def report(res: dict[str, list[dict[str, float]]], args: argparse.Namespace, siz
              "| system | MB/s | first MiB (ms) | daemon CPU s | moto CPU s | ratio to boto3 |",
              "|---|---|---|---|---|---|"]
     for name, cells in res.items():
+        if name in CEILING:
+            lines.append(f"| {name} | {med([c['mbps'] for c in cells])} | "
+                         f"{med([c['ttfb_ms'] for c in cells])} | "
+                         f"{med([c['daemon_cpu'] for c in cells])} | | (no network) |")
+            continue
         ratios = [c["mbps"] / b["mbps"] for c, b in zip(cells, res["boto3"], strict=False)]
         lines.append(f"| {name} | {med([c['mbps'] for c in cells])} | "
                      f"{med([c['ttfb_ms'] for c in cells])} | "
                      f"{med([c['daemon_cpu'] for c in cells])} | "
                      f"{med([c['moto_cpu'] for c in cells])} | {med(ratios)} |")
     lines += ["", "mirrorfs-dio: `stream_direct_io = true`. The mounts' cache dirs are on a "
-              "fresh ext4 loop image; moto spools objects to /tmp (the root fs)."]
+              "fresh ext4 loop image; moto spools objects to /tmp (the root fs). tmpfs-mirror: "
+              "the same reads from a directory mirror on /dev/shm (no network, no moto): the "
+              "ceiling of mirrorfs's read path here."]
     out = B.RESULTS / f"{dt.date.today().isoformat()}-cold-read"
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"size": size, "results": res}, indent=1))
