@@ -22,15 +22,15 @@ log = logging.getLogger("mirrorfs")
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 
-def _stale_release_reply(record: logging.LogRecord) -> bool | logging.LogRecord:
+def _stale_release_reply(record: logging.LogRecord) -> bool:
     """pyfuse3 logs an ERROR when the kernel no longer waits for the reply to a RELEASE
     (ENOENT: a file closed just before an unmount; the release itself ran). Nothing is
     wrong then: keep the line, at DEBUG."""
     if record.levelno == logging.ERROR and record.getMessage().startswith(
             "fuse_release(): fuse_reply_* failed with No such file or directory"):
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG) and record
-    return record
+        return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
+    return True
 
 
 def setup_logging(level: str, log_file: str | None = None) -> None:

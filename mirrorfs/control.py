@@ -51,7 +51,10 @@ async def serve_control(daemon: Daemon, commands: dict[str, Command],
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
-        await trio.serve_listeners(lambda s: _handle(daemon, commands, s), [listener])
+        async def handle(stream: trio.SocketStream) -> None:
+            await _handle(daemon, commands, stream)
+
+        await trio.serve_listeners(handle, [listener])
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)

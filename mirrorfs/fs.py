@@ -18,9 +18,9 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -43,7 +43,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def handler(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn every exception into a FUSEError; an unexpected one is a logged bug, not a crash."""
 
     @functools.wraps(fn)
@@ -394,7 +394,8 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._new_handle(of, True), keep_cache=True), self._attrs(node)
 
     @handler
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(  # type: ignore[override]  # pyfuse3 replies with any contiguous buffer
+            self, fh: int, off: int, size: int) -> bytes | memoryview:
         of = self._of(fh)
         if of is None:
             if self.fetcher is not None and self.fetcher.owns(fh):
@@ -617,7 +618,10 @@ class Operations(pyfuse3.Operations):
                 os.close(of.fd)
             except Exception:
                 log.exception("committing inode %d at unmount", of.ino)
-        orphans = [ino for ino in {of.ino for of in files.values()}
+        inos = {of.ino for of in files.values()}
+        if self.fetcher is not None:  # and handles streaming remote-only files
+            inos.update(self.fetcher.handles.values())
+        orphans = [ino for ino in inos
                    if (node := self.reg.get(ino)) is not None and node.flags & F_ORPHAN]
         self.open_files.clear()
         self.handles.clear()

@@ -36,7 +36,7 @@ def hash_file(path: str) -> tuple[str, bytes, int]:
     return whole.hexdigest(), bytes(chunks), size
 
 
-def chunk_digest(data: bytes) -> bytes:
+def chunk_digest(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_64_digest(data)
 
 

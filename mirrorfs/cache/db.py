@@ -84,12 +84,12 @@ class Inode:
         ) + self.name + self.target
 
     @classmethod
-    def unpack(cls, buf: bytes) -> Inode:
+    def unpack(cls, buf: bytes | memoryview) -> Inode:
         f = cls._S.unpack_from(buf)
         off = cls._S.size
         name = bytes(buf[off:off + f[16]])
         target = bytes(buf[off + f[16]:off + f[16] + f[17]])
-        return cls(*f[:16], name=name, target=target)
+        return cls(*f[:16], name=name, target=target)  # type: ignore[misc]  # 16 fields
 
     def copy(self, **changes: Any) -> Inode:
         return replace(self, **changes)
@@ -120,7 +120,7 @@ class Job:
             self.error.encode("utf-8", "replace")[:1000]
 
     @classmethod
-    def unpack(cls, buf: bytes) -> Job:
+    def unpack(cls, buf: bytes | memoryview) -> Job:
         due, seq, state, attempts = cls._S.unpack_from(buf)
         return cls(due, seq, state, attempts, bytes(buf[cls._S.size:]).decode("utf-8", "replace"))
 
@@ -140,7 +140,7 @@ class RemoteCopy:
         return self._S.pack(self.ver, self.hash, self.size, self.mode, self.mtime_ns) + self.path
 
     @classmethod
-    def unpack(cls, buf: bytes) -> RemoteCopy:
+    def unpack(cls, buf: bytes | memoryview) -> RemoteCopy:
         ver, h, size, mode, mtime = cls._S.unpack_from(buf)
         return cls(bytes(buf[cls._S.size:]), ver, h, size, mode, mtime)
 
