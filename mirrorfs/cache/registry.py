@@ -24,7 +24,9 @@ import lmdb
 from mirrorfs.cache.db import (
     F_OPEN_WRITE,
     F_ORPHAN,
+    F_PINNED,
     JOB_CLAIMED,
+    JOB_PENDING,
     LOCAL_FULL,
     LOCAL_NONE,
     MQ,
@@ -352,14 +354,14 @@ class Registry:
                 node.mtime_ns = mtime_ns
                 journal = True
             node.ctime_ns = ctime_ns if ctime_ns is not None else now
-            self._account_size(txn, node, old_size)
+            self.account_size(txn, node, old_size)
             self._put(txn, node)
             if journal and stat.S_ISREG(node.mode):
                 self._journal(txn, node, None if node.flags & F_ORPHAN
                               else self.path_txn(txn, node))
         return node
 
-    def _account_size(self, txn: lmdb.Transaction, node: Inode, old_size: int) -> None:
+    def account_size(self, txn: lmdb.Transaction, node: Inode, old_size: int) -> None:
         delta = node.size - old_size
         if not delta or not stat.S_ISREG(node.mode) or node.flags & F_ORPHAN:
             return
@@ -398,7 +400,7 @@ class Registry:
                 node.ctime_ns = now_ns()
             for name, value in (times or {}).items():
                 setattr(node, name, value)
-            self._account_size(txn, node, old_size)
+            self.account_size(txn, node, old_size)
             self._put(txn, node)
             self._journal(txn, node, None if node.flags & F_ORPHAN
                           else self.path_txn(txn, node))
@@ -483,6 +485,63 @@ class Registry:
                 raise FsError(errno.ENOTEMPTY)
             gone = self._unlink_txn(txn, d, name, node, now)
         return node, gone
+
+    def supersede(self, txn: lmdb.Transaction, old: Inode) -> Inode | None:
+        """Give the path of the regular file ``old`` a new inode and make ``old`` an orphan,
+        as a local file system does when a file open somewhere is replaced: a pull that takes
+        another node's version of a file open here (pull.py; the kernel keeps the size of an
+        inode it holds, so the new version needs another inode).
+
+        The new inode has ``old``'s attributes, xattrs and version, and no content yet
+        (remote-only): the caller gives it the new version. Every mirror's record of
+        ``old`` -- its remote copy, the key it owns, its job -- moves to the new inode, so
+        the orphan owns nothing on any mirror: no job of it will ever delete or rename the
+        object under its old key, and its record goes at its last release. Counters: the
+        file is still counted once, the orphan's content no longer counts as cached.
+
+        Returns None, changing nothing, while a job of ``old`` is in flight: its completion
+        would record a copy for ``old`` again. The caller then updates ``old`` in place.
+        """
+        if any((job := self.journal.get(txn, m.index, old.ino)) is not None
+               and job.state == JOB_CLAIMED for m in self.mirrors):
+            return None
+        now = now_ns()
+        new = old.copy(ino=self._new_ino(txn), local=LOCAL_NONE, flags=old.flags & F_PINNED,
+                       ctime_ns=now)
+        self._put(txn, new)
+        txn.put(dentry_key(old.parent, old.name), U64.pack(new.ino), db=self.dentries)
+        key = U64.pack(old.ino)
+        xattrs = []
+        cur = txn.cursor(db=self.xattrs)
+        if cur.set_range(key):
+            for k, v in cur:
+                if k[:8] != key:
+                    break
+                xattrs.append((U64.pack(new.ino) + k[8:], bytes(v)))
+        for k, v in xattrs:
+            txn.put(k, v, db=self.xattrs)
+        for m in self.mirrors:
+            rc = self.remote_copy(txn, m.index, old.ino)
+            if rc is not None:  # (the copies counters stay: one copy, another owner)
+                txn.delete(MQ.pack(m.index, old.ino), db=self.remote)
+                txn.put(MQ.pack(m.index, new.ino), rc.pack(), db=self.remote)
+                if self.rpath_owner(txn, m.index, rc.path) == old.ino:
+                    txn.put(U16.pack(m.index) + rc.path, U64.pack(new.ino),
+                            db=self.db.db["rpath"])
+            job = self.journal.get(txn, m.index, old.ino)
+            if job is not None:  # pending (keeps its due time) or failed (runs again)
+                self.journal.drop(txn, m.index, old.ino)
+                self.journal.touch(txn, m.index, new.ino,
+                                   job.due if job.state == JOB_PENDING else self.clock())
+        # dirty_files/bytes: the jobs moved with the same size; files/bytes: one file still
+        if old.local == LOCAL_FULL:
+            bump_counter(txn, self.counters, b"local_files", -1)
+            bump_counter(txn, self.counters, b"local_bytes", -old.size)
+        old.nlink = 0
+        old.flags |= F_ORPHAN
+        old.ctime_ns = now
+        self._put(txn, old)
+        return new
 
     def release_orphan(self, ino: int) -> bool:
         """The last handle of an unlinked file closed. Returns True if content may go."""
