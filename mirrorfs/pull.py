@@ -54,7 +54,6 @@ from mirrorfs.cache.db import (
     U64,
     Inode,
     RemoteCopy,
-    bump_counter,
     get_counter,
     set_counter,
 )
@@ -399,13 +398,26 @@ class Sync:
 
     def _fast_forward(self, txn: lmdb.Transaction, node: Inode, rec: dict[str, Any],
                       path: bytes) -> None:
-        """The other node changed a file we had not: take its version (remote-only)."""
+        """The other node changed a file we had not: take its version (remote-only).
+
+        A file open here gets a new inode (:meth:`Registry.supersede`) and the open one
+        lives on as an orphan until its last release, its handles reading the old content:
+        with the writeback cache the kernel never takes a new size from us for an inode it
+        holds, so a fresh open of the same inode read the new content cut to the old size.
+        A file not open is updated in place (the entry invalidation lets the kernel drop
+        its inode)."""
         reg = self.d.reg
+        ops = self.d.ops
+        superseded = False
+        if ops is not None and ops.is_open(node.ino):
+            new = reg.supersede(txn, node)
+            if new is not None:
+                node, superseded = new, True
         old_size = node.size
         if node.local == LOCAL_FULL:
             reg.set_local(txn, node, LOCAL_NONE)
-            if self.d.ops is not None:  # readers keep the old file, new opens get the new one
-                self.d.ops.detach(node.ino)
+            if ops is not None:  # readers keep the old file, new opens get the new one
+                ops.detach(node.ino)
             self.d.store.remove(node.ino)
         node.ver += 1
         node.size = int(rec["size"])
@@ -415,14 +427,16 @@ class Sync:
         node.hash = bytes.fromhex(rec["hash"])
         node.hash_ver = node.ver
         txn.put(U64.pack(node.ino), node.pack(), db=reg.inodes)
-        bump_counter(txn, reg.counters, b"bytes", node.size - old_size)
+        reg.account_size(txn, node, old_size)
         self._store_chunks(txn, node.ino, node.ver, rec)
         reg.set_remote(txn, self.idx, node.ino, self._remote_copy(rec, path, node.ver))
         # Other mirrors of this node now lack this version: they get it from this one.
         for m in reg.mirrors:
             if m.index != self.idx and m.wants(path):
                 reg.requeue(txn, node.ino, m.index)
-        self._invalidate(node, True)
+        # The entry (the next lookup finds the new inode), and the pages of an inode updated
+        # in place; a new inode has none yet.
+        self._invalidate(node, not superseded)
 
     async def _conflict(self, rec: dict[str, Any], path: bytes, other: str, node: Inode,
                         ours: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import xxhash
 
 from tests.mountutil import Mount, drop_page_cache
+from tests.servers import bucket_objects
 from tests.test_admin import _interrupt_after_progress
 from tests.test_mirrors import admin, drain
 
@@ -240,21 +242,17 @@ def test_pull_meets_a_file_open_for_writing(make_mount: Any, s3: Any, leader: st
 
 
 def test_pull_meets_a_file_open_for_reading_then_a_writer(make_mount: Any, s3: Any) -> None:
-    """A change pulled while the file is open read-only here replaces its content file; the
-    reader keeps the old one (a snapshot). A later open for writing, while that reader still
+    """A change pulled while the file is open read-only here replaces it; the reader keeps
+    the old version (a snapshot). A later open for writing, while that reader still
     holds its handle, must write to the new content file: it used to share the reader's
     descriptor on the old, unlinked file, and its bytes were lost at close."""
     a, b = doc_on_two_nodes(make_mount, s3, "A")
     ours = b"written on B while a reader holds the old version"
     with open(b.path / "doc.txt", "rb") as reader:
         assert reader.read() == b"v0"
-        applied = admin(b, "stats")["pull"]["shared"]["applied"]
         (a.path / "doc.txt").write_text("edited on A")
         drain(a)
-        # Not "B reads the new content": the kernel keeps the size of an inode that stays
-        # open (writeback cache), so a fresh open sees only the first two bytes of it.
-        b.wait_for(lambda: admin(b, "stats")["pull"]["shared"]["applied"] > applied,
-                   timeout=30)
+        b.wait_for(lambda: read_or_none(b.path / "doc.txt") == b"edited on A", timeout=30)
         (b.path / "doc.txt").write_bytes(ours)
         drop_page_cache(b.path / "doc.txt")
         assert (b.path / "doc.txt").read_bytes() == ours
@@ -264,3 +262,57 @@ def test_pull_meets_a_file_open_for_reading_then_a_writer(make_mount: Any, s3: A
     assert (b.path / "doc.txt").read_bytes() == ours
     a.wait_for(lambda: read_or_none(a.path / "doc.txt") == ours, timeout=30)
     assert not [n for m in (a, b) for n in os.listdir(m.path) if ".conflict-" in n]
+
+
+def test_pull_replaces_a_file_open_here_by_a_new_inode(make_mount: Any, s3: Any) -> None:
+    """A longer version pulled while the file is open read-only here: a fresh open reads all
+    of it while the old handle reads the old version, as on a local file system when a file
+    is replaced while open. It used to update the open inode in place, and the kernel, which
+    with the writeback cache keeps the size of an inode it holds, cut the new content to the
+    old size ("ed"). The old inode then goes at its last close without a trace, and nothing
+    of it reaches the bucket: the object under its key is the new version."""
+    a, b = doc_on_two_nodes(make_mount, s3, "A")
+    p = b.path / "doc.txt"
+    new = b"edited on A, and longer than v0"
+    before = admin(b, "stats")
+    data = b.config.parent / "cache" / "data"
+    with open(p, "rb") as reader:
+        assert reader.read() == b"v0"
+        old_ino = os.fstat(reader.fileno()).st_ino
+        old_content = data / f"{old_ino & 0xFF:02x}" / f"{old_ino:x}"
+        assert old_content.exists()
+        (a.path / "doc.txt").write_bytes(new)
+        drain(a)
+        seen: list[bytes | None] = []
+
+        def fresh_read() -> bool:
+            seen.append(read_or_none(p))
+            return seen[-1] == new
+
+        with contextlib.suppress(TimeoutError):
+            b.wait_for(fresh_read, timeout=30)
+        assert seen[-1] == new, f"a fresh open on B read {seen[-1]!r}"
+        assert os.stat(p).st_ino != old_ino
+        assert os.pread(reader.fileno(), 100, 0) == b"v0"
+        os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(reader.fileno(), 100, 0) == b"v0"  # from the old content file
+    new_content = [f"{os.stat(p).st_ino:x}"]
+    b.wait_for(lambda: [f.name for f in data.rglob("*") if f.is_file()] == new_content,
+               timeout=10)
+    drain(b)
+    grown = len(new) - 2
+    expect = {"files": before["files"], "bytes": before["bytes"] + grown,
+              "local_files": before["local_files"],
+              "local_bytes": before["local_bytes"] + grown,
+              "dirty_files": 0, "dirty_bytes": 0, "journal_length": 0}
+    st = admin(b, "stats")
+    assert {k: st[k] for k in expect} == expect
+    shared, was = st["mirrors"]["shared"], before["mirrors"]["shared"]
+    assert (shared["uploaded"], shared["uploaded_bytes"], shared["deletes"]) == \
+        (was["uploaded"], was["uploaded_bytes"] + grown, was["deletes"])
+    r = admin(b, "verify", "--remote", "--deep")
+    assert r["ok"] == ["doc.txt"] and r["checked"] == 1, r
+    assert bucket_objects(s3)["doc.txt"] == new
+    assert read_or_none(a.path / "doc.txt") == new
+    drop_page_cache(p)
+    assert read_or_none(p) == new
