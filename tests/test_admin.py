@@ -119,9 +119,14 @@ def test_move_pin_unpin_evict_state_url_xattrs(make_mount: Any, s3: Any) -> None
 
 
 def _interrupt_after_progress(args: list[str]) -> None:
-    """Run an admin command and SIGINT it once it reported progress (as Ctrl-C would)."""
+    """Run an admin command and SIGINT it once it reported progress (as Ctrl-C would).
+
+    The command gets the default SIGINT disposition: run in the background of a
+    non-interactive shell (``.ci/run &``, nohup), the tests inherit SIGINT ignored, and so
+    would the command, which then ran to the end."""
     p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=REPO)
+                         text=True, cwd=REPO,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stderr is not None
     line = p.stderr.readline()
     assert line, "no progress reported"
