@@ -41,6 +41,15 @@ def s3_mirror(s3: Any, **extra: Any) -> dict[str, Any]:
     return {"type": "s3", **s3.options(**extra)}
 
 
+def remote_only(m: Mount, name: str, size: int) -> bytes:
+    """A new file of random bytes, uploaded, then evicted: the next read streams it."""
+    data = os.urandom(size)
+    (m.path / name).write_bytes(data)
+    drain(m)
+    evict(m, m.path / name)
+    return data
+
+
 def test_evict_then_read_back_counts_miss_then_hits(make_mount: Any, s3: Any) -> None:
     m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
     data = os.urandom(9 * MiB + 123)  # three chunks, the last one short
@@ -227,10 +236,7 @@ def test_stream_keeps_pace_with_a_slow_reader_and_not_an_idle_one(make_mount: An
     it would read the cache file instead, at half the speed), and runs on to the end when
     the reader stops reading."""
     m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
-    data = os.urandom(128 * MiB)
-    (m.path / "slow.bin").write_bytes(data)
-    drain(m)
-    evict(m, m.path / "slow.bin")
+    data = remote_only(m, "slow.bin", 128 * MiB)
     got = bytearray()
     t0 = time.monotonic()
     with open(m.path / "slow.bin", "rb", buffering=0) as f:
@@ -258,10 +264,7 @@ def test_streamed_read_drops_the_pages_behind_its_reader(make_mount: Any, s3: An
     """A cold read leaves only its last pages in the kernel's page cache of the mount (the
     bytes are in the cache file), and the file reads back the same from there."""
     m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
-    data = os.urandom(128 * MiB)
-    (m.path / "big.bin").write_bytes(data)
-    drain(m)
-    evict(m, m.path / "big.bin")
+    data = remote_only(m, "big.bin", 128 * MiB)
     got = bytearray()
     with open(m.path / "big.bin", "rb", buffering=0) as f:
         while piece := f.read(MiB):

@@ -435,16 +435,10 @@ class Registry:
         was_dirty = self.is_dirty_txn(txn, node.ino)
         bump_counter(txn, self.counters, b"files", -1)
         bump_counter(txn, self.counters, b"bytes", -node.size)
-        if node.local == LOCAL_FULL:
-            bump_counter(txn, self.counters, b"local_files", -1)
-            bump_counter(txn, self.counters, b"local_bytes", -node.size)
         if was_dirty:
             bump_counter(txn, self.counters, b"dirty_files", -1)
             bump_counter(txn, self.counters, b"dirty_bytes", -node.size)
-        node.nlink = 0
-        node.flags |= F_ORPHAN
-        node.ctime_ns = now
-        self._put(txn, node)
+        self._orphan(txn, node, now)
         # A mirror that never got the file needs to hear nothing: created and deleted inside
         # the cool-down costs no remote operation and leaves no job. (A job in flight stays:
         # its upload may land, and the delete must follow it.)
@@ -534,14 +528,19 @@ class Registry:
                 self.journal.touch(txn, m.index, new.ino,
                                    job.due if job.state == JOB_PENDING else self.clock())
         # dirty_files/bytes: the jobs moved with the same size; files/bytes: one file still
-        if old.local == LOCAL_FULL:
-            bump_counter(txn, self.counters, b"local_files", -1)
-            bump_counter(txn, self.counters, b"local_bytes", -old.size)
-        old.nlink = 0
-        old.flags |= F_ORPHAN
-        old.ctime_ns = now
-        self._put(txn, old)
+        self._orphan(txn, old, now)
         return new
+
+    def _orphan(self, txn: lmdb.Transaction, node: Inode, now: int) -> None:
+        """``node`` has no name any more; its record stays until its last handle goes, and
+        its content (if cached) no longer counts as cached."""
+        if node.local == LOCAL_FULL:
+            bump_counter(txn, self.counters, b"local_files", -1)
+            bump_counter(txn, self.counters, b"local_bytes", -node.size)
+        node.nlink = 0
+        node.flags |= F_ORPHAN
+        node.ctime_ns = now
+        self._put(txn, node)
 
     def release_orphan(self, ino: int) -> bool:
         """The last handle of an unlinked file closed. Returns True if content may go."""
