@@ -620,7 +620,7 @@ class Operations(pyfuse3.Operations):
                 log.exception("committing inode %d at unmount", of.ino)
         inos = {of.ino for of in files.values()}
         if self.fetcher is not None:  # and handles streaming remote-only files
-            inos.update(self.fetcher.handles.values())
+            inos.update(dl.ino for dl in self.fetcher.handles.values())
         orphans = [ino for ino in inos
                    if (node := self.reg.get(ino)) is not None and node.flags & F_ORPHAN]
         self.open_files.clear()

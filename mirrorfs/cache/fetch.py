@@ -112,6 +112,7 @@ class Download:
     readers: dict[int, tuple[int, float]] = field(default_factory=dict)
     reader_moved: trio.Event = field(default_factory=trio.Event)
     dropped_to: int = 0  # the kernel's pages of the file before this offset were dropped
+    superseded: bool = False  # a newer version of the file started a download of its own
     scopes: list[trio.CancelScope] = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -152,7 +153,9 @@ class Fetcher:
         self.is_up = is_up
         self.space = space
         self.downloads: dict[int, Download] = {}
-        self.handles: dict[int, int] = {}  # fh -> ino
+        #: fh -> the download it reads (a handle keeps its version's download even when a
+        #: newer version of the file starts another one)
+        self.handles: dict[int, Download] = {}
         self._next_fh = FH_BASE
         self.on_complete: Callable[[int], None] = lambda ino: None
         #: drops the pages streamed readers left behind; None: keep them (direct I/O opens
@@ -169,32 +172,34 @@ class Fetcher:
         dl = self._start(node)
         dl.handles += 1
         self._next_fh += 1
-        self.handles[self._next_fh] = node.ino
+        self.handles[self._next_fh] = dl
         return self._next_fh
 
     def release(self, fh: int) -> int | None:
         """Close a handle; returns the inode it was open on."""
-        ino = self.handles.pop(fh, None)
-        dl = self.downloads.get(ino) if ino is not None else None
-        if dl is not None:
-            dl.handles -= 1
-            if dl.readers.pop(fh, None) is not None:
-                dl.reader_moved.set()
-            self._maybe_forget(dl)
-        return ino
+        dl = self.handles.pop(fh, None)
+        if dl is None:
+            return None
+        dl.handles -= 1
+        if dl.readers.pop(fh, None) is not None:
+            dl.reader_moved.set()
+        self._maybe_forget(dl)
+        return dl.ino
 
     def has_handles(self, ino: int) -> bool:
-        return ino in self.handles.values()
+        return any(dl.ino == ino for dl in self.handles.values())
 
     def _maybe_forget(self, dl: Download) -> None:
-        if dl.handles <= 0 and (dl.done or dl.error):
-            self.downloads.pop(dl.ino, None)
+        if dl.handles <= 0 and (dl.done or dl.error) and dl.fd >= 0:
+            if self.downloads.get(dl.ino) is dl:
+                del self.downloads[dl.ino]
             dl.ring.clear()
             dl.pool.clear()
             os.close(dl.fd)
+            dl.fd = -1
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        dl = self.downloads[self.handles[fh]]
+        dl = self.handles[fh]
         if off >= dl.size:
             return b""
         dl.readers[fh] = (off // CHUNK_SIZE, trio.current_time())
@@ -234,17 +239,26 @@ class Fetcher:
         return range(off // CHUNK_SIZE, last // CHUNK_SIZE + 1)
 
     async def fetch_all(self, node: Inode) -> None:
-        """Bring the whole file into the cache (before a write, or for an upload elsewhere)."""
-        dl = self._start(node)
-        dl.handles += 1
-        try:
-            while not dl.done:
-                if dl.error or dl.failed:
-                    raise IntegrityError(dl.error or "no mirror has good bytes")
-                await dl.progress.wait()
-        finally:
-            dl.handles -= 1
-            self._maybe_forget(dl)
+        """Bring the whole file into the cache (before a write, or for an upload elsewhere).
+
+        If the file changes in place meanwhile (a pull), the newest version is fetched."""
+        while True:
+            dl = self._start(node)
+            dl.handles += 1
+            try:
+                while not dl.done and not dl.superseded:
+                    if dl.error or dl.failed:
+                        raise IntegrityError(dl.error or "no mirror has good bytes")
+                    await dl.progress.wait()
+            finally:
+                dl.handles -= 1
+                self._maybe_forget(dl)
+            if dl.done:
+                return
+            cur = self.reg.get(node.ino)
+            if cur is None or cur.local == LOCAL_FULL or cur.flags & F_ORPHAN:
+                return  # deleted, or cached meanwhile: nothing left to fetch
+            node = cur
 
     # ------------------------------------------------------------ downloads
 
@@ -272,8 +286,10 @@ class Fetcher:
     def _start(self, node: Inode) -> Download:
         dl = self.downloads.get(node.ino)
         if dl is not None and not dl.error:
-            return dl
-        if node.local == LOCAL_FULL and dl is None:
+            if dl.ver >= node.ver:
+                return dl  # (a caller holding an older entry gets the current version)
+            self._supersede(dl)
+        elif node.local == LOCAL_FULL and dl is None:
             raise FUSEError(errno.EIO)  # caller should have used the local file
         sources = self._sources(node)
         if not sources:
@@ -304,6 +320,20 @@ class Fetcher:
         self.stats.bump("downloads")
         self._spawn(dl, self._run_front)
         return dl
+
+    def _supersede(self, dl: Download) -> None:
+        """The file changed in place (a pull) while ``dl`` fetched its old version: stop
+        it, and let the new version's download have the .part name. Handles open on the old
+        version get EIO from now on rather than bytes of a version their size does not
+        describe; its tasks write only to their own (now unlinked) file."""
+        dl.error = f"version {dl.ver} was replaced while it downloaded"
+        dl.superseded = True
+        dl.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.store.part_path(dl.ino))
+        del self.downloads[dl.ino]
+        dl.notify()
+        self._maybe_forget(dl)
 
     def _maybe_ranged(self, dl: Download, off: int) -> None:
         c = off // CHUNK_SIZE
@@ -394,6 +424,8 @@ class Fetcher:
                     return
                 if dl.expected is None:
                     start = 0
+                if dl.error:
+                    return  # superseded (see _supersede): the .part name is not ours now
                 try:
                     await self._stream_from(dl, src, start)
                 except IntegrityError as exc:
@@ -579,12 +611,14 @@ class Fetcher:
         with self.reg.db.begin(write=True) as txn:
             node = self.reg.get_txn(txn, dl.ino)
             if (node is None or node.ver != dl.ver or node.local == LOCAL_FULL
-                    or node.flags & F_ORPHAN):
+                    or node.flags & F_ORPHAN or self.downloads.get(dl.ino) is not dl):
                 # Deleted, changed or already local meanwhile: these bytes are not wanted
                 # (readers that still hold the unlinked file read on from dl.fd). The
-                # unlink may have removed the .part file already.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.store.part_path(dl.ino))
+                # unlink may have removed the .part file already; a newer version's
+                # download may own the name now.
+                if self.downloads.get(dl.ino) is dl:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.store.part_path(dl.ino))
             else:
                 os.rename(self.store.part_path(dl.ino), self.store.path(dl.ino))
                 self.reg.set_local(txn, node, LOCAL_FULL)
