@@ -261,7 +261,8 @@ class _FtpReadStream(ReadStream):
             return b""
         r = self._remote
         try:
-            data = await r._call(r._guard("read", r._a_read(self._tid)))
+            tid = self._tid
+            data = await r._call(lambda: r._guard("read", r._a_read(tid)))
         except BaseException as exc:
             self._error = exc
             raise
@@ -274,14 +275,17 @@ class _FtpReadStream(ReadStream):
         loop = self._remote._loop
         if loop is not None:
             r = self._remote
-            await r._call(r._guard("close download", r._a_close_transfer(self._tid)), loop)
+            tid = self._tid
+            await r._call(lambda: r._guard("close download", r._a_close_transfer(tid)), loop)
 
 
-async def _outcome(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
-    """Run ``coro`` and return its outcome instead of raising: if the trio side gave up on
-    it (cancelled), asyncio must not log "Task exception was never retrieved"."""
+async def _outcome(make: Callable[[], Coroutine[Any, Any, T]]) -> tuple[bool, Any]:
+    """Run ``make()`` and return its outcome instead of raising: if the trio side gave up on
+    it (cancelled), asyncio must not log "Task exception was never retrieved". The coroutine
+    is made here, on the loop: a task cancelled before its first step (aclose's time limit,
+    a loop already stopping) then leaves no coroutine that was never awaited."""
     try:
-        return True, await coro
+        return True, await make()
     except BaseException as exc:
         return False, exc
 
@@ -344,14 +348,14 @@ class FtpRemote(Remote):
         finally:
             loop.close()
 
-    async def _call(self, coro: Coroutine[Any, Any, T],
+    async def _call(self, make: Callable[[], Coroutine[Any, Any, T]],
                     loop: asyncio.AbstractEventLoop | None = None) -> T:
-        """Run ``coro`` on the FTP loop and wait for it without holding a trio thread.
+        """Run ``make()`` on the FTP loop and wait for it without holding a trio thread.
 
         If the trio caller is cancelled the asyncio task is cancelled too; its own cleanup
         (closing a half-used connection) then runs on the loop without us waiting for it.
         """
-        fut = asyncio.run_coroutine_threadsafe(_outcome(coro), loop or self._ensure_loop())
+        fut = asyncio.run_coroutine_threadsafe(_outcome(make), loop or self._ensure_loop())
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
 
@@ -376,7 +380,7 @@ class FtpRemote(Remote):
         raise value
 
     async def _op(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return await self._call(self._guard(what, self._a_with_client(fn, *args)))
+        return await self._call(lambda: self._guard(what, self._a_with_client(fn, *args)))
 
     # -- error translation and connections (asyncio side) ----------------------------------
 
@@ -933,8 +937,8 @@ class FtpRemote(Remote):
     @retry()
     async def _open_transfer(self, tid: int, parts: list[str], start: int,
                              length: int | None) -> None:
-        await self._call(self._guard(f"read {'/'.join(parts)}",
-                                     self._a_open_transfer(tid, parts, start, length)))
+        await self._call(lambda: self._guard(f"read {'/'.join(parts)}",
+                                             self._a_open_transfer(tid, parts, start, length)))
 
     @retry()
     async def delete(self, key: str) -> None:
@@ -965,7 +969,7 @@ class FtpRemote(Remote):
         self._loop = self._thread = None
         with trio.CancelScope(shield=True), trio.move_on_after(15):
             try:
-                await self._call(self._a_shutdown(), loop)
+                await self._call(self._a_shutdown, loop)
             finally:
                 loop.call_soon_threadsafe(loop.stop)
                 await trio.to_thread.run_sync(thread.join, 10)
