@@ -48,11 +48,12 @@ class PageDropper:
     """Drops ranges of a file's cached pages. ``drop`` blocks (the kernel may wait for a page
     under read, whose reply comes from the trio thread): call it from a worker thread."""
 
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
 
     @property
     def enabled(self) -> bool:
+        """False once the kernel refused a notification: readers then stop asking."""
         return self.fd is not None
 
     def drop(self, ino: int, off: int, length: int) -> None:

@@ -127,8 +127,9 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
                       is_up=lambda name: all(m.up for m in uploader.by_name(name)),
                       space=space)
     daemon.fetcher = fetcher
-    if not cfg.stream_direct_io:
-        fetcher.dropper = PageDropper(session_fd())
+    fuse_fd = None if cfg.stream_direct_io else session_fd()
+    if fuse_fd is not None:
+        fetcher.dropper = PageDropper(fuse_fd)
     daemon.space = space
     ops.fetcher, ops.space, ops.stats = fetcher, space, stats
     space.is_busy = lambda ino: ino in ops.open_files or ino in fetcher.downloads

@@ -213,7 +213,7 @@ class Fetcher:
                 raise FUSEError(errno.EIO)
             self._maybe_ranged(dl, off)
             await dl.progress.wait()
-        if self.dropper is not None:
+        if self.dropper is not None and self.dropper.enabled:
             self._drop_behind(dl)
         return _read_range(dl, off, min(size, dl.size - off))
 
