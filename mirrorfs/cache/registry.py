@@ -281,7 +281,9 @@ class Registry:
     def _new_ino(self, txn: lmdb.Transaction) -> int:
         meta = self.db.db["meta"]
         v = txn.get(b"next_ino", db=meta)
-        ino = U64.unpack(v)[0]
+        if v is None:  # written when the database is made (db.open): never missing
+            raise RuntimeError("LMDB meta has no next_ino: the cache database is damaged")
+        ino: int = U64.unpack(v)[0]
         txn.put(b"next_ino", U64.pack(ino + 1), db=meta)
         return ino
 
