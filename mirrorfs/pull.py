@@ -70,6 +70,11 @@ log = logging.getLogger(__name__)
 
 RESERVED = b".mirrorfs"
 LOG_PREFIX = ".mirrorfs/log/"
+
+
+class _Later(Exception):
+    """A record that cannot be applied yet: the rest of its node's feed waits for the next
+    round (records of one node are applied in order)."""
 PUBLISH_BATCH = 1000
 
 
@@ -226,7 +231,10 @@ class Sync:
                 break
             cursor = page.cursor
         applied = 0
+        waiting: set[str] = set()
         for node, _a, b, key in sorted(logs, key=lambda x: (x[0], x[1], x[2])):
+            if node in waiting:
+                continue
             with self.d.reg.db.begin() as txn:
                 v = self._get_cursor(txn, "node:" + node)
             done = U64.unpack(v)[0] if v else 0
@@ -240,7 +248,13 @@ class Sync:
             for rec in recs:
                 if rec["seq"] <= done:
                     continue
-                await self.apply(rec, node)
+                try:
+                    await self.apply(rec, node)
+                except _Later as exc:
+                    log.info("pull from %s: record %d of node %s waits for the next round: %s",
+                             self.cfg.name, rec["seq"], node, exc)
+                    waiting.add(node)
+                    break
                 done = rec["seq"]
                 applied += 1
                 with self.d.reg.db.begin(write=True) as txn:
@@ -365,6 +379,7 @@ class Sync:
                     int(rec.get("mode", 0o644)), new_hash, self.idx, path)
                 if made is not None and status == "added":
                     self._store_chunks(txn, made.ino, made.ver, rec)
+                    self._requeue_others(txn, made.ino, path)
                     self._invalidate(made, False)
                 elif status == "blocked":
                     log.warning("pull: %r from node %s: a file is in the way of its directory",
@@ -405,14 +420,17 @@ class Sync:
         with the writeback cache the kernel never takes a new size from us for an inode it
         holds, so a fresh open of the same inode read the new content cut to the old size.
         A file not open is updated in place (the entry invalidation lets the kernel drop
-        its inode)."""
+        its inode). A file open here with a job in flight cannot get a new inode yet (see
+        :meth:`Registry.supersede`), and updating it in place would cut the new content to
+        the size the kernel holds: the record waits for a later round (:class:`_Later`)."""
         reg = self.d.reg
         ops = self.d.ops
         superseded = False
         if ops is not None and ops.is_open(node.ino):
             new = reg.supersede(txn, node)
-            if new is not None:
-                node, superseded = new, True
+            if new is None:
+                raise _Later(f"{os.fsdecode(path)!r} is open here and a job of it is in flight")
+            node, superseded = new, True
         old_size = node.size
         if node.local == LOCAL_FULL:
             reg.set_local(txn, node, LOCAL_NONE)
@@ -430,13 +448,16 @@ class Sync:
         reg.account_size(txn, node, old_size)
         self._store_chunks(txn, node.ino, node.ver, rec)
         reg.set_remote(txn, self.idx, node.ino, self._remote_copy(rec, path, node.ver))
-        # Other mirrors of this node now lack this version: they get it from this one.
-        for m in reg.mirrors:
-            if m.index != self.idx and m.wants(path):
-                reg.requeue(txn, node.ino, m.index)
+        self._requeue_others(txn, node.ino, path)
         # The entry (the next lookup finds the new inode), and the pages of an inode updated
         # in place; a new inode has none yet.
         self._invalidate(node, not superseded)
+
+    def _requeue_others(self, txn: lmdb.Transaction, ino: int, path: bytes) -> None:
+        """This node's other mirrors lack the version just pulled: they get it from here."""
+        for m in self.d.reg.mirrors:
+            if m.index != self.idx and m.wants(path):
+                self.d.reg.requeue(txn, ino, m.index)
 
     async def _conflict(self, rec: dict[str, Any], path: bytes, other: str, node: Inode,
                         ours: bytes) -> None:

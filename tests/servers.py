@@ -191,10 +191,13 @@ class PyFtpd(_Server):
     """pyftpdlib in a thread of this process, one user whose home is ``root``."""
 
     def __init__(self, root: str | os.PathLike[str], user: str = "mirror",
-                 password: str = "secret") -> None:
+                 password: str = "secret", read_limit: int = 0) -> None:
         self.root = Path(root)
         self.user = user
         self.password = password
+        #: bytes per second the server receives per upload (0: as fast as it can), for tests
+        #: that need an upload in flight for a while
+        self.read_limit = read_limit
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -203,7 +206,7 @@ class PyFtpd(_Server):
 
     def start(self) -> None:
         from pyftpdlib.authorizers import DummyAuthorizer
-        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.handlers import FTPHandler, ThrottledDTPHandler
         from pyftpdlib.ioloop import IOLoop
         from pyftpdlib.servers import FTPServer
 
@@ -226,6 +229,9 @@ class PyFtpd(_Server):
         handler = type("Handler", (FTPHandler,), {"authorizer": authorizer,
                                                   "pre_process_command": pre_process_command,
                                                   "auth_failed_timeout": 0})
+        if self.read_limit:
+            handler.dtp_handler = type("Dtp", (ThrottledDTPHandler,),
+                                       {"read_limit": self.read_limit})
         # A private IOLoop: the default is a process-wide singleton that close_all() would
         # close under any other pyftpdlib server of this process.
         self._server = FTPServer((HOST, self.port), handler, ioloop=IOLoop())

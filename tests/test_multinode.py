@@ -264,6 +264,56 @@ def test_pull_meets_a_file_open_for_reading_then_a_writer(make_mount: Any, s3: A
     assert not [n for m in (a, b) for n in os.listdir(m.path) if ".conflict-" in n]
 
 
+def test_pull_waits_while_a_file_open_here_has_a_job_in_flight(make_mount: Any, s3: Any,
+                                                               tmp_path: Path) -> None:
+    """As above, but while B's upload of the file to another of its mirrors (a slow FTP
+    server) is in flight: the file cannot get a new inode then (the upload's completion would
+    record a copy for the old one), and it used to be updated in place, so that a fresh open
+    read the new content cut to the old size. Now the record waits for a later round, and
+    a fresh open reads either the old version whole or, once the upload ended, the new one."""
+    from tests.servers import PyFtpd
+
+    with PyFtpd(tmp_path / "slow-ftp", read_limit=10_000) as slow:
+        a = node(make_mount, s3, "A")
+        opts = {"type": "s3", **s3.options(), "pull": True, "pull_interval": 0.5,
+                "leader": "remote", "rescan_interval": 3600}
+        b = make_mount({"shared": opts, "slow": {"type": "ftp", **slow.options()}}, name="B",
+                       node_id="B",
+                       upload_delay=0.3, attr_timeout=0.5)
+        p = b.path / "doc.bin"
+        v0, v1 = os.urandom(60_000), os.urandom(90_000)
+        (a.path / "doc.bin").write_bytes(v0)
+        b.wait_for(lambda: read_or_none(p) == v0, timeout=30)
+
+        def uploading() -> bool:
+            return any(j["mirror"] == "slow" and j["path"] == "doc.bin"
+                       and j["state"] == "in flight" for j in admin(b, "queue"))
+
+        b.wait_for(uploading, timeout=10)  # ~6 s at 10 kB/s from here
+        with open(p, "rb") as reader:
+            assert reader.read() == v0
+            (a.path / "doc.bin").write_bytes(v1)
+            drain(a)
+            assert uploading(), "the slow upload ended too soon for this test"
+            seen = [read_or_none(p)]
+
+            def fresh_read() -> bool:
+                seen.append(read_or_none(p))
+                return seen[-1] == v1
+
+            with contextlib.suppress(TimeoutError):
+                b.wait_for(fresh_read, timeout=30)
+            odd = [len(x) if x is not None else None for x in seen if x not in (v0, v1)]
+            assert not odd, f"{len(odd)} fresh opens on B read other content, sizes {set(odd)}"
+            assert seen[0] == v0 and seen[-1] == v1
+            assert "waits for the next round" in b.log.read_text()
+            assert os.stat(p).st_ino != os.fstat(reader.fileno()).st_ino
+            assert os.pread(reader.fileno(), 100_000, 0) == v0
+        drain(b, timeout=60)
+        assert bucket_objects(s3)["doc.bin"] == v1
+        assert (slow.root / "doc.bin").read_bytes() == v1
+
+
 def test_pull_replaces_a_file_open_here_by_a_new_inode(make_mount: Any, s3: Any) -> None:
     """A longer version pulled while the file is open read-only here: a fresh open reads all
     of it while the old handle reads the old version, as on a local file system when a file

@@ -496,7 +496,7 @@ class Registry:
         file is still counted once, the orphan's content no longer counts as cached.
 
         Returns None, changing nothing, while a job of ``old`` is in flight: its completion
-        would record a copy for ``old`` again. The caller then updates ``old`` in place.
+        would record a copy for ``old`` again. The caller then tries again later.
         """
         if any((job := self.journal.get(txn, m.index, old.ino)) is not None
                and job.state == JOB_CLAIMED for m in self.mirrors):
