@@ -70,12 +70,12 @@ log = logging.getLogger(__name__)
 
 RESERVED = b".mirrorfs"
 LOG_PREFIX = ".mirrorfs/log/"
+PUBLISH_BATCH = 1000
 
 
 class _Later(Exception):
     """A record that cannot be applied yet: the rest of its node's feed waits for the next
     round (records of one node are applied in order)."""
-PUBLISH_BATCH = 1000
 
 
 def reserved(path: bytes) -> bool:
@@ -130,6 +130,8 @@ class Sync:
         self.identity = mcfg.identity()
         self.state = SyncState()
         self.lock = trio.Lock()
+        #: node -> seq of its record that waits (see _Later), logged once, not every round
+        self.waits: dict[str, int] = {}
         self._stale: list[int] = []  # inodes whose cached pages the kernel must drop
 
     # ------------------------------------------------------------ cursors
@@ -251,8 +253,10 @@ class Sync:
                 try:
                     await self.apply(rec, node)
                 except _Later as exc:
-                    log.info("pull from %s: record %d of node %s waits for the next round: %s",
-                             self.cfg.name, rec["seq"], node, exc)
+                    if self.waits.get(node) != rec["seq"]:
+                        self.waits[node] = rec["seq"]
+                        log.info("pull from %s: record %d of node %s waits for a later round: "
+                                 "%s", self.cfg.name, rec["seq"], node, exc)
                     waiting.add(node)
                     break
                 done = rec["seq"]
