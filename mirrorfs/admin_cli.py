@@ -119,20 +119,6 @@ def print_stats(s: dict[str, Any]) -> None:
                 print(f"{'':<14}last error: {m['last_error']}")
 
 
-def prometheus(s: dict[str, Any]) -> str:
-    lines = []
-    for k, v in s.items():
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            lines.append(f"mirrorfs_{k} {v}")
-    for name, m in s["mirrors"].items():
-        for k, v in m.items():
-            if isinstance(v, bool):
-                v = int(v)
-            if isinstance(v, int | float):
-                lines.append(f'mirrorfs_mirror_{k}{{mirror="{name}"}} {v}')
-    return "\n".join(lines) + "\n"
-
-
 class Progress:
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
@@ -224,15 +210,13 @@ def run(args: argparse.Namespace) -> int:
 
 def a_stats(args: argparse.Namespace) -> int:
     s = call(args, "stats")
-    if args.prometheus:
-        text = prometheus(s)
+    if args.prometheus or args.textfile:
+        from mirrorfs.metrics import exposition, write_textfile
+
         if args.textfile:
-            tmp = args.textfile + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, args.textfile)
+            write_textfile(args.textfile, s)
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(exposition(s).decode())
     elif args.json:
         emit(args, s)
     else:
@@ -323,7 +307,9 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
     p = cmd("stats", a_stats, "files, cache and per-mirror statistics")
     p.add_argument("--prometheus", action="store_true", help="Prometheus text format")
-    p.add_argument("--textfile", help="with --prometheus: write atomically to this file")
+    p.add_argument("--textfile", metavar="FILE",
+                   help="write the Prometheus text atomically to FILE (node_exporter's "
+                   "textfile collector)")
     p = cmd("queue", a_queue, "pending and failed work per mirror")
     p.add_argument("--mirror")
     p.add_argument("--limit", type=int, default=1000)

@@ -98,6 +98,15 @@ def _url(value: object) -> str:
     return s
 
 
+def _listen(value: object) -> str:
+    s = _str(value)
+    if s:
+        from mirrorfs.metrics import parse_listen
+
+        parse_listen(s)
+    return s
+
+
 def _log_level(value: object) -> str:
     s = _str(value).upper()
     if s not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -131,6 +140,9 @@ TOP_OPTIONS: dict[str, Opt] = {
                          "mmap(MAP_SHARED) of such an open fails (ENODEV), see README"),
     "read_order": (_str_list, (), "mirror names to read from, first healthy wins"),
     "node_id": (_str, "", "this node's identity for multi-node pulls (default: host name)"),
+    "metrics_listen": (_listen, "",
+                       "serve Prometheus metrics at HOST:PORT (e.g. 127.0.0.1:9464; a bare "
+                       "port listens on loopback only); empty: off"),
     "mirrors": (lambda v: v, {}, "one table per mirror"),
 }
 
@@ -241,6 +253,7 @@ class Config:
     read_order: tuple[str, ...]
     node_id: str
     mirrors: tuple[MirrorConfig, ...]
+    metrics_listen: str = ""
 
 
 def _check_table(path: str, where: str, table: dict[str, Any],

@@ -203,12 +203,17 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
         db.close()
         raise OSError(errno.EIO, f"cannot mount on {mountpoint}: {exc}") from None
     unmounted = False
+    metrics_server = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flush_loop, db)
             nursery.start_soon(watch_signals, daemon)
             nursery.start_soon(read_ahead_after_init, mountpoint, cfg.read_ahead_kb)
             await start_workers(daemon, nursery)
+            if cfg.metrics_listen:
+                from mirrorfs.metrics import start_server
+
+                metrics_server = start_server(daemon, cfg.metrics_listen)
             log.info("mirrorfs mounted %s on %s", cfg.cache_dir, mountpoint)
             ready()
             sd_notify("READY=1")
@@ -216,8 +221,10 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
             unmounted = True
             nursery.cancel_scope.cancel()
     finally:
+        from mirrorfs.metrics import stop_server
         from mirrorfs.workers import close_remotes
 
+        stop_server(metrics_server)
         await close_remotes(daemon.remotes)
         if daemon.stats is not None:
             with db.begin(write=True) as txn:

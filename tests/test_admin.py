@@ -52,15 +52,15 @@ def test_stats_online_and_offline(make_mount: Any, s3: Any) -> None:
     assert st["mirrors"]["s3"]["uploaded"] == 2 and st["journal_length"] == 0
     assert st["mirrors"]["s3"]["last_success"] > time.time() - 60
     prom = run("stats", "--prometheus", "-c", str(m.config), check=True).stdout
-    assert "mirrorfs_files 2" in prom
-    assert 'mirrorfs_mirror_uploaded{mirror="s3"} 2' in prom
+    assert "mirrorfs_files 2.0" in prom
+    assert 'mirrorfs_mirror_uploaded{mirror="s3"} 2.0' in prom
     m.umount()
     off = admin(m, "stats")  # no daemon: read from LMDB directly
     assert off["online"] is False
     assert (off["files"], off["bytes"], off["mirrors"]["s3"]["uploaded"]) == (2, 1500, 2)
     text = m.config.parent / "metrics.prom"
     run("stats", "--prometheus", "--textfile", str(text), "-c", str(m.config), check=True)
-    assert "mirrorfs_bytes 1500" in text.read_text()
+    assert "mirrorfs_bytes 1500.0" in text.read_text()
 
 
 def test_queue_retry_pause_resume(make_mount: Any, s3: Any, ftp: Any) -> None:
