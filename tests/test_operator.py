@@ -3,6 +3,7 @@ survives a remount, installed units. Real mounts and servers throughout."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -134,3 +135,22 @@ def test_metrics_endpoint_is_off_by_default_and_on_loopback(make_mount: Any) -> 
     assert f"0100007F:{port:04X}" in listening, listening
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
         assert b"# TYPE mirrorfs_files gauge" in r.read()
+
+
+def test_grafana_dashboard_uses_metrics_that_exist() -> None:
+    """Every metric the dashboard names by name is one `stats --prometheus` writes."""
+    import re
+
+    from mirrorfs.metrics import family_name
+
+    dash = json.loads((REPO / "tools" / "grafana" / "mirrorfs.json").read_text())
+    known = set()
+    for (section, key), meta in FIELDS.items():
+        n = family_name(section, key)
+        known.add(n + "_total" if meta.counter else n)
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    named = {n for e in exprs for n in re.findall(r"\b(mirrorfs_[a-z_]+)\b", e)
+             if not re.search(re.escape(n) + r"\.\*", e)}
+    assert named and named <= known, named - known
+    assert {"mirrorfs_mirror_pending", "mirrorfs_mirror_up", "mirrorfs_local_bytes",
+            "mirrorfs_dirty_bytes", "mirrorfs_hits_total"} <= named
