@@ -16,15 +16,21 @@ import time
 from typing import Any
 
 from mirrorfs.config import Config, load_config
-from mirrorfs.control import ControlClient
+from mirrorfs.control import CommandError, ControlClient
 from mirrorfs.errors import ConfigError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url",
               "conflicts"}
 
 
 class AdminError(Exception):
-    pass
+    """A one-line failure of an admin command, with its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def mirrorfs_mounts() -> list[tuple[str, str]]:
@@ -46,7 +52,10 @@ def locate(args: argparse.Namespace) -> tuple[Config, str | None]:
         cfg = load_config(config)
         mp = next((m for s, m in mounts if os.path.abspath(s) == cfg.path), None)
         return cfg, mp
-    probe = [os.path.abspath(p) for p in getattr(args, "paths", None) or []] + [os.getcwd()]
+    given = list(getattr(args, "paths", None) or [])
+    if getattr(args, "path", None):  # `url PATH`
+        given.append(args.path)
+    probe = [os.path.abspath(p) for p in given] + [os.getcwd()]
     for p in probe:
         for src, mp in sorted(mounts, key=lambda x: -len(x[1])):
             if p == mp or p.startswith(mp.rstrip("/") + "/"):
@@ -54,7 +63,7 @@ def locate(args: argparse.Namespace) -> tuple[Config, str | None]:
     if len(mounts) == 1:
         return load_config(mounts[0][0]), mounts[0][1]
     raise AdminError("which mount? give --config CONFIG "
-                     f"({len(mounts)} mirrorfs mounts found)")
+                     f"({len(mounts)} mirrorfs mounts found)", EXIT_USAGE)
 
 
 def rel_paths(paths: list[str], mountpoint: str | None) -> list[str]:
@@ -64,7 +73,7 @@ def rel_paths(paths: list[str], mountpoint: str | None) -> list[str]:
         if mountpoint and (ap == mountpoint or ap.startswith(mountpoint.rstrip("/") + "/")):
             out.append(os.path.relpath(ap, mountpoint) if ap != mountpoint else "")
         elif os.path.isabs(p) and mountpoint:
-            raise AdminError(f"{p} is not under the mount {mountpoint}")
+            raise AdminError(f"{p} is not under the mount {mountpoint}", EXIT_USAGE)
         else:
             out.append(p)
     return out
@@ -169,7 +178,7 @@ def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
     try:
         lock = lock_cache_dir(cfg.cache_dir)
     except AlreadyMounted as exc:
-        raise AdminError(f"{exc} but its control socket does not answer") from None
+        raise AdminError(f"{exc} but its control socket does not answer", EXIT_BUSY) from None
     db, reg, store, _clean = open_registry(cfg, mark_unclean=False)
     try:
         d = Daemon(cfg, "", db, reg, store, None)  # type: ignore[arg-type]
@@ -195,14 +204,24 @@ def emit(args: argparse.Namespace, result: Any, text: str | None = None) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit statuses (README): 0 ok, 1 problems found or a runtime failure, 2 bad usage or
+    config, 3 busy."""
     try:
         return int(args.admin(args) or 0)
     except ConfigError as exc:
         print(f"mirrorfs: invalid config: {exc}", file=sys.stderr)
-        return 2
-    except (AdminError, RuntimeError, ConnectionError, LookupError) as exc:
+        return EXIT_USAGE
+    except BrokenPipeError:
+        raise  # the reader of our output went away: main() ends quietly
+    except (AdminError, CommandError, LookupError, ValueError, RuntimeError, OSError) as exc:
         print(f"mirrorfs {args.command}: {exc}", file=sys.stderr)
-        return 1
+        if isinstance(exc, AdminError):
+            return exc.status
+        if isinstance(exc, CommandError):
+            return EXIT_USAGE if exc.usage else EXIT_FAIL
+        if isinstance(exc, LookupError | ValueError):  # offline: the command ran here
+            return EXIT_USAGE
+        return EXIT_FAIL
 
 
 # ---------------------------------------------------------------- subcommands
@@ -237,6 +256,15 @@ def a_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+VERIFY_FINE = ("ok", "no_reference", "repaired", "checked")
+
+
+def verify_problems(result: dict[str, Any]) -> list[str]:
+    """What ``verify`` found wrong: every non-empty list of its report but the fine ones
+    (a kind of finding added later counts as a problem without a change here)."""
+    return [k for k, v in result.items() if k not in VERIFY_FINE and isinstance(v, list) and v]
+
+
 def simple(cmd: str, **fields: str) -> Any:
     def fn(args: argparse.Namespace) -> int:
         req = {k: getattr(args, v) for k, v in fields.items()}
@@ -244,8 +272,10 @@ def simple(cmd: str, **fields: str) -> Any:
         emit(args, result, None if args.json else " ".join(
             f"{k}: {v}" for k, v in result.items()) if isinstance(result, dict) else None)
         if cmd == "drain" and isinstance(result, dict) and not result.get("drained"):
-            return 1
-        return 0
+            return EXIT_FAIL
+        if cmd == "verify" and isinstance(result, dict) and verify_problems(result):
+            return EXIT_FAIL
+        return EXIT_OK
 
     return fn
 
@@ -270,7 +300,7 @@ def a_url(args: argparse.Namespace) -> int:
     if not urls:
         print("mirrorfs url: no url_base configured for "
               + ", ".join(result), file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     for name, u in result.items():
         if u:
             print(u if len(result) == 1 else f"{name}\t{u}")

@@ -93,7 +93,9 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.info("control command %s stopped: the client went away", name)
                 return
-            except (LookupError, ValueError, OSError) as exc:
+            except (LookupError, ValueError) as exc:  # a name or an argument that is wrong
+                await send({"ok": False, "error": str(exc), "usage": True})
+            except OSError as exc:
                 await send({"ok": False, "error": str(exc)})
             except Exception as exc:
                 log.exception("control command %s failed", name)
@@ -104,6 +106,15 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
         pass
     finally:
         await stream.aclose()
+
+
+class CommandError(RuntimeError):
+    """A command the daemon refused; ``usage`` when the request itself was wrong (a mirror
+    or path that does not exist, a bad argument): exit status 2, not 1."""
+
+    def __init__(self, message: str, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class ControlClient:
@@ -128,7 +139,7 @@ class ControlClient:
                     on_progress(msg["progress"])
                 continue
             if not msg.get("ok"):
-                raise RuntimeError(msg.get("error", "failed"))
+                raise CommandError(msg.get("error", "failed"), bool(msg.get("usage")))
             return msg.get("result")
 
     def settimeout(self, timeout: float | None) -> None:

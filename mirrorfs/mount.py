@@ -117,7 +117,8 @@ def mount_options(cfg: Config, extra: list[str]) -> set[str]:
             if part.startswith(("x-", "comment=")):
                 continue  # meant for systemd/mount(8), not the kernel
             if part and part not in ("rw", "defaults", "_netdev", "nofail", "auto", "noauto",
-                                     "user", "nouser", "exec", "suid", "dev", "relatime"):
+                                     "user", "nouser", "exec", "suid", "dev", "relatime",
+                                     "nonempty"):  # nonempty: checked by the command
                 opts.add(part)
     return opts
 
