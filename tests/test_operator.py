@@ -14,8 +14,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirrorfs.metrics import FIELDS
-from tests.mountutil import REPO
+from mirrorfs.cli import mounts_at
+from tests.mountutil import REPO, Mount, is_mounted, lazy_unmount
 from tests.servers import free_port
+from tests.test_cli import wait_gone
 from tests.test_mirrors import CLI, admin, drain
 
 MiB = 1 << 20
@@ -154,3 +156,217 @@ def test_grafana_dashboard_uses_metrics_that_exist() -> None:
     assert named and named <= known, named - known
     assert {"mirrorfs_mirror_pending", "mirrorfs_mirror_up", "mirrorfs_local_bytes",
             "mirrorfs_dirty_bytes", "mirrorfs_hits_total"} <= named
+
+
+# ----------------------------------------------------------------------------- exit statuses
+
+
+def test_exit_statuses_follow_the_table(make_mount: Any, s3: Any, tmp_path: Path) -> None:
+    m = make_mount({"s3": {"type": "s3", **s3.options()}}, upload_delay=0)
+    m.expect_log(r"verify: copy of")
+    (m.path / "f").write_bytes(b"good bytes")
+    drain(m)
+    c = s3.client()
+    # verify that finds a bad object: 1 (it was 0)
+    c.put_object(Bucket=s3.bucket, Key="f", Body=b"bad bytes!")
+    r = run("verify", "--remote", "--deep", "-c", str(m.config))
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "remote_bad" in r.stdout
+    r = run("verify", "--remote", "--deep", "--repair", "-c", str(m.config))
+    assert r.returncode == 1  # found (and repaired) a problem
+    drain(m)
+    r = run("verify", "--remote", "--deep", "-c", str(m.config))
+    assert r.returncode == 0, r.stdout
+    # bad usage: 2, one line
+    for args in (["pause", "nosuch"], ["state", str(m.path / "nosuch")], ["url", str(m.path / "f")],
+                 ["queue", "--mirror", "nosuch"], ["stats", "--bogus"]):
+        r = run(*args, "-c", str(m.config))
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 or lines[-1].startswith("mirrorfs: error:"), r.stderr  # argparse
+        assert "Traceback" not in r.stderr
+    r = run("umount", str(tmp_path))
+    assert r.returncode == 2 and "not a mirrorfs mount" in r.stderr
+    # a mirror that refuses us: 2 for check-config as for mount
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'cache_dir = "{tmp_path}/c"\n[mirrors.s3]\ntype = "s3"\n'
+                   + "".join(f'{k} = "{v}"\n' for k, v in
+                             s3.options(bucket="no-such-bucket-here").items()
+                             if k != "type"))
+    r = run("check-config", str(bad))
+    assert r.returncode == 2, r.stdout
+    assert "mirror s3 (s3): ERROR" in r.stdout
+    # busy: the daemon holds the cache directory but its socket is gone: 3
+    (m.config.parent / "cache" / "control.sock").unlink()
+    r = run("stats", "-c", str(m.config))
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    # a command that needs a daemon, with none: 1
+    m.umount()
+    r = run("drain", "-c", str(m.config))
+    assert r.returncode == 1 and "needs one" in r.stderr
+
+
+def test_umount_of_a_busy_mount_is_3(make_mount: Any) -> None:
+    m = make_mount()
+    (m.path / "d").mkdir()
+    p = subprocess.Popen(["sleep", "600"], cwd=m.path / "d")
+    try:
+        r = run("umount", str(m.path))
+        assert r.returncode == 3, (r.returncode, r.stderr)
+        assert "busy" in r.stderr.lower()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_output_into_a_closed_pipe_ends_quietly(make_mount: Any) -> None:
+    m = make_mount()
+    for i in range(3):
+        (m.path / f"f{i}").write_text("x")
+    for args in (["stats"], ["stats", "--json"], ["stats", "--prometheus"],
+                 ["state", str(m.path / "f0"), str(m.path / "f1")]):
+        rfd, wfd = os.pipe()
+        os.close(rfd)  # the reader is gone before the first byte (`| head -0`)
+        r = subprocess.run([*CLI, *args, "-c", str(m.config)], stdout=wfd,
+                           stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=60)
+        os.close(wfd)
+        assert r.stderr == "", (args, r.stderr)
+        assert r.returncode == 0, args
+    # and the ordinary pipeline
+    r = subprocess.run(f"set -o pipefail; {' '.join(CLI)} stats -c {m.config} | head -1",
+                       shell=True, executable="/bin/bash", capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("files"), r
+
+
+def test_readme_tables_name_every_command() -> None:
+    """The README's exit-status table and its command table cover every subcommand."""
+    import re
+
+    from mirrorfs.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    commands = set(sub.choices)  # type: ignore[arg-type]
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Exit status", 1)[1].split("\n## ", 1)[0]
+    in_table = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            in_table |= set(re.findall(r"`([a-z-]+)", line.split("|")[1]))
+    assert commands <= in_table, commands - in_table
+    usage = readme.split("### Admin commands", 1)[1]
+    for cmd in commands - {"mount", "umount", "check-config", "install", "install-helper"}:
+        assert f"| `{cmd}" in usage or f", `{cmd}" in usage, cmd
+
+
+# ----------------------------------------------------------------------------- mounting
+
+
+def test_mount_refuses_a_non_empty_or_mounted_mount_point(make_mount: Any,
+                                                          tmp_path: Path) -> None:
+    m = make_mount(start=False)
+    m.path.mkdir()
+    (m.path / "hidden.txt").write_text("under the mount")
+    for fg in (["--foreground"], []):
+        r = run("mount", *fg, str(m.config), str(m.path))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.splitlines() == [
+            f"mirrorfs: mount point {m.path} is not empty (1 entries would be hidden); "
+            "give -o nonempty to mount anyway"]
+        assert not is_mounted(m.path)
+    m.options = ["nonempty"]
+    m.start()
+    assert os.listdir(m.path) == []
+    (m.path / "mine").write_text("on the mount")
+    m.umount()
+    assert sorted(os.listdir(m.path)) == ["hidden.txt"]
+    (m.path / "hidden.txt").unlink()
+    # a mount point that is already a mount: another mirrorfs (own cache dir) stacked on it
+    m.options = []
+    m.start()
+    (m.path / "lower.txt").write_text("lower")
+    top = make_mount(name="top", start=False)
+    r = run("mount", str(top.config), str(m.path))
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"mirrorfs: {m.path} is already a mount point (fuse.mirrorfs from {m.config}); "
+        "unmount it first, or give -o nonempty to mount on top of it"]
+    r = run("mount", str(top.config), str(m.path), "-o", "nonempty",
+            "--log-file", str(tmp_path / "top.log"))
+    assert r.returncode == 0, r.stderr
+    try:
+        assert os.listdir(m.path) == []  # the top one
+        (m.path / "upper.txt").write_text("upper")
+        # umount acts on the top mount, with the top mount's config (not the lower one's
+        # cache lock, which it used to wait 60 s for)
+        top_pid = int((top.config.parent / "cache" / "lock").read_text())
+        r = run("umount", str(m.path), timeout=50)
+        assert r.returncode == 0, r.stderr
+        assert wait_gone(top_pid)
+        assert sorted(os.listdir(m.path)) == ["lower.txt", "mine"]
+        assert m.proc is not None and m.proc.poll() is None
+    finally:
+        if len(mounts_at(str(m.path))) > 1:
+            lazy_unmount(m.path)  # the top one (the fixture unmounts the lower one)
+
+
+def test_unreachable_mirror_is_told_at_the_terminal_and_daemon_detaches(
+        make_mount: Any, ftp: Any, tmp_path: Path) -> None:
+    import socket
+
+    m = make_mount({"ftp": {"type": "ftp", **ftp.options(timeout=2)}}, start=False)
+    m.path.mkdir()
+    ftp.stop()
+    sock_path = str(tmp_path / "syslog.sock")
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(sock_path)
+    syslog.settimeout(30)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MIRRORFS_SYSLOG_SOCKET": sock_path}
+    try:
+        # captured stdout/stderr pipes: run() returns only when every writer closed them,
+        # so a daemon still holding the caller's stderr would hang it
+        r = run("mount", str(m.config), str(m.path), env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(m.path)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1, r.stderr
+        assert lines[0].startswith("mirrorfs: warning: mirror ftp is unreachable at start")
+        assert r.stdout == ""
+        pid = int((m.config.parent / "cache" / "lock").read_text())
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+        got = b""
+        while b"mirrorfs mounted" not in got:
+            got += syslog.recv(65536) + b"\n"
+        assert b"mirrorfs[%d]: WARNING" % pid in got and b"unreachable at start" in got
+        assert run("umount", str(m.path)).returncode == 0
+        assert wait_gone(pid)
+        # no syslog socket: the cache directory's log file
+        env["MIRRORFS_SYSLOG_SOCKET"] = str(tmp_path / "none")
+        r = run("mount", str(m.config), str(m.path), env=env, timeout=60)
+        assert r.returncode == 0 and "unreachable at start" in r.stderr
+        pid = int((m.config.parent / "cache" / "lock").read_text())
+        assert run("umount", str(m.path)).returncode == 0
+        assert wait_gone(pid)
+        text = (m.config.parent / "cache" / "mirrorfs.log").read_text()
+        assert "mirrorfs mounted" in text and "mirrorfs stopped" in text
+    finally:
+        syslog.close()
+        lazy_unmount(m.path)
+    # in the foreground with --log-file, the warning reaches stderr too
+    p = subprocess.Popen([*CLI, "mount", "--foreground", str(m.config), str(m.path),
+                          "--log-file", str(tmp_path / "fg.log")], stderr=subprocess.PIPE,
+                         text=True, cwd=REPO)
+    try:
+        assert p.stderr is not None
+        line = p.stderr.readline()
+        assert line.startswith("mirrorfs: warning: mirror ftp is unreachable at start"), line
+        Mount(m.config, m.path, m.log).wait_for(lambda: is_mounted(m.path))
+        assert run("umount", str(m.path)).returncode == 0
+        assert p.wait(60) == 0
+        assert p.stderr.read() == ""
+    finally:
+        p.kill()
+        lazy_unmount(m.path)
