@@ -22,7 +22,7 @@ from mirrorfs.errors import ConfigError
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url",
-              "conflicts"}
+              "conflicts", "pause", "resume"}
 
 
 class AdminError(Exception):
@@ -126,6 +126,12 @@ def print_stats(s: dict[str, Any]) -> None:
                   f"{last}")
             if m.get("last_error") and state != "up":
                 print(f"{'':<14}last error: {m['last_error']}")
+            if m.get("paused"):
+                since = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["paused_since"]))
+                         if m.get("paused_since") else None)
+                print(f"{'':<14}paused" + (f" since {since}" if since else "")
+                      + (f" by {m['paused_by']}" if m.get("paused_by") else "")
+                      + " (mirrorfs resume)")
 
 
 class Progress:
@@ -287,8 +293,21 @@ def a_state(args: argparse.Namespace) -> int:
     else:
         for p, st in result.items():
             mirrors = ", ".join(f"{k}={v}" for k, v in st["mirrors"].items())
-            print(f"{st['state']:<12}{p}  {mirrors}")
+            print(f"{st['state']:<12}{p}  {mirrors}" + ("  pinned" if st.get("pinned") else ""))
     return 0
+
+
+def a_pin(args: argparse.Namespace) -> int:
+    r = call(args, "pin", paths=args.paths, fetch=args.fetch)
+    if args.json:
+        emit(args, r)
+        return EXIT_OK
+    print(f"pinned {r['pinned']} files" + (f"; downloaded {r['downloaded']}"
+                                            if r.get("downloaded") else ""))
+    if r.get("remote_only"):
+        print(f"{r['remote_only']} of them are remote-only: each stays on local disk once it "
+              "is read (pin --fetch downloads them now)")
+    return EXIT_OK
 
 
 def a_url(args: argparse.Namespace) -> int:
@@ -350,7 +369,9 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p = cmd("evict", simple("evict", paths="paths", force="force"),
             "drop local copies of clean files", paths=True)
     p.add_argument("--force", action="store_true", help="also unpin")
-    cmd("pin", simple("pin", paths="paths"), "keep files on local disk", paths=True)
+    p = cmd("pin", a_pin, "keep files on local disk (remote-only ones once read)", paths=True)
+    p.add_argument("--fetch", action="store_true",
+                   help="download remote-only files now (needs the running mirrorfs)")
     cmd("unpin", simple("unpin", paths="paths"), "allow eviction again", paths=True)
     p = cmd("drain", simple("drain", timeout="timeout"),
             "upload everything now and wait until every mirror holds it")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,7 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
     async def send(obj: dict[str, Any]) -> None:
         await stream.send_all(json.dumps(obj, default=str).encode() + b"\n")
 
+    peer_uid = _peer_uid(stream)
     try:
         async for line in _lines(stream):
             try:
@@ -88,6 +90,9 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
             except (ValueError, KeyError, AttributeError):
                 await send({"ok": False, "error": f"unknown request {line[:100]!r}"})
                 continue
+            req.pop("peer_uid", None)  # only the kernel says who is asking
+            if peer_uid is not None:
+                req["peer_uid"] = peer_uid
             try:
                 result = await fn(daemon, req, lambda p: send({"progress": p}))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -106,6 +111,16 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
         pass
     finally:
         await stream.aclose()
+
+
+def _peer_uid(stream: trio.SocketStream) -> int | None:
+    """Who is on the other end (SO_PEERCRED: pid, uid, gid), for ``pause``'s record."""
+    try:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                         struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", creds)[1])
 
 
 class CommandError(RuntimeError):

@@ -111,7 +111,8 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     with d.reg.db.begin() as txn:
         v = txn.get(cursor_key, db=cursors)
     cursor = bytes(v).decode() if v else None
-    counts = {"added": 0, "attached": 0, "exists": 0, "blocked": 0, "rejected": 0}
+    counts = {"added": 0, "attached": 0, "exists": 0, "blocked": 0, "rejected": 0,
+              "dirs": 0}
     resumed = cursor is not None
     with_meta = not req.get("fast")
     while True:
@@ -126,6 +127,12 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
         with d.reg.db.begin(write=True) as txn:
             for st in page.entries:
                 rel = st.key[len(prefix):] if prefix and st.key.startswith(prefix) else st.key
+                marker = safe_key(rel[:-1]) if rel.endswith("/") and st.size == 0 else None
+                if marker is not None:  # an S3 folder marker ("dir/", no bytes): a directory
+                    status = d.reg.ensure_dir(txn, marker)
+                    if status != "exists":
+                        counts["dirs" if status == "added" else "blocked"] += 1
+                    continue
                 path = safe_key(rel)
                 if path is None:
                     counts["rejected"] += 1

@@ -85,11 +85,16 @@ def mirror_rules(cfg: Config, reg_index: Callable[[str], int]) -> list[MirrorRul
 
 def open_registry(cfg: Config, mark_unclean: bool = True) -> tuple[Database, Registry, Store,
                                                                    bool]:
-    db = Database(os.path.join(cfg.cache_dir, "meta"))
+    meta = os.path.join(cfg.cache_dir, "meta")
+    new = not os.path.exists(meta)
+    db = Database(meta)
     reg = Registry(db, [], cfg.upload_delay)
     reg.mirrors = mirror_rules(cfg, reg.mirror_index)
     store = Store(cfg.cache_dir)
     marker = os.path.join(cfg.cache_dir, CLEAN_MARKER)
+    if new:  # an empty registry: nothing to check after a crash that never happened
+        with open(marker, "w"):
+            pass
     clean = os.path.exists(marker)
     if mark_unclean:
         with contextlib.suppress(FileNotFoundError):
@@ -97,11 +102,12 @@ def open_registry(cfg: Config, mark_unclean: bool = True) -> tuple[Database, Reg
     return db, reg, store, clean
 
 
-def replay_journal(reg: Registry, store: Store, clean: bool) -> None:
+def replay_journal(reg: Registry, store: Store, clean: bool, new: bool = False) -> None:
     t0 = time.monotonic()
     counts = recover(reg, store, full_check=not clean)
     done = {k: v for k, v in counts.items() if v}
-    log.info("startup check (%s) took %.2fs%s", "clean stop" if clean else "after a crash",
+    log.info("startup check (%s) took %.2fs%s",
+             "new cache directory" if new else "clean stop" if clean else "after a crash",
              time.monotonic() - t0, f": {done}" if done else "")
 
 
@@ -190,8 +196,9 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
 
     lock_fd = lock_cache_dir(cfg.cache_dir)
     remotes, probes = await open_and_probe(cfg)
+    new = not os.path.exists(os.path.join(cfg.cache_dir, "meta"))
     db, reg, store, clean = open_registry(cfg)
-    replay_journal(reg, store, clean)
+    replay_journal(reg, store, clean, new)
     ops = Operations(reg, store, attr_timeout=cfg.attr_timeout, xattrs=cfg.xattrs,
                      readonly="ro" in mount_options(cfg, options),
                      stream_direct_io=cfg.stream_direct_io)

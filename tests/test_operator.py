@@ -7,14 +7,15 @@ import json
 import math
 import os
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mirrorfs.metrics import FIELDS
 from mirrorfs.cli import mounts_at
+from mirrorfs.metrics import FIELDS
 from tests.mountutil import REPO, Mount, is_mounted, lazy_unmount
 from tests.servers import free_port
 from tests.test_cli import wait_gone
@@ -370,3 +371,99 @@ def test_unreachable_mirror_is_told_at_the_terminal_and_daemon_detaches(
     finally:
         p.kill()
         lazy_unmount(m.path)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def test_pause_survives_a_remount_and_stats_says_since_when(make_mount: Any, s3: Any) -> None:
+    m = make_mount({"s3": {"type": "s3", **s3.options()}}, upload_delay=0)
+    t0 = time.time()
+    admin(m, "pause", "s3")
+    admin(m, "pause", "s3")  # a second pause keeps the first one's time
+    st = admin(m, "stats")["mirrors"]["s3"]
+    assert st["paused"] is True and st["paused_by"] == "root"
+    assert t0 - 1 <= st["paused_since"] <= time.time()
+    since = st["paused_since"]
+    text = run("stats", "-c", str(m.config)).stdout
+    assert "paused since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) \
+        + " by root" in text
+    (m.path / "f").write_text("waits")
+    m.umount()
+    off = admin(m, "stats")["mirrors"]["s3"]  # offline, from LMDB
+    assert off["paused"] is True and off["paused_since"] == since
+    m.start()
+    st = admin(m, "stats")["mirrors"]["s3"]
+    assert st["paused"] is True and st["paused_since"] == since  # the daemon's own state
+    assert st["pending"] == 1 and s3_keys(s3) == []
+    # resume offline, then mount: uploads go
+    m.umount()
+    assert admin(m, "resume")["resumed"] == ["s3"]
+    m.start()
+    assert admin(m, "stats")["mirrors"]["s3"]["paused"] is False
+    m.wait_for(lambda: s3_keys(s3) == ["f"], timeout=60)
+    # pause offline: the next mount starts paused
+    m.umount()
+    admin(m, "pause")
+    m.start()
+    st = admin(m, "stats")["mirrors"]["s3"]
+    assert st["paused"] is True and st["paused_by"] == "root"
+
+
+def s3_keys(s3: Any) -> list[str]:
+    r = s3.client().list_objects_v2(Bucket=s3.bucket)
+    return sorted(o["Key"] for o in r.get("Contents", []))
+
+
+def test_state_shows_pinned_and_pin_of_a_remote_only_file(make_mount: Any, s3: Any) -> None:
+    m = make_mount({"s3": {"type": "s3", **s3.options()}}, upload_delay=0)
+    assert "startup check (new cache directory)" in m.log_text()
+    assert "after a crash" not in m.log_text()
+    data = os.urandom(200_000)
+    (m.path / "f").write_bytes(data)
+    drain(m)
+    assert not admin(m, "evict", str(m.path / "f"))["kept"]
+    r = run("pin", str(m.path / "f"), "-c", str(m.config))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "pinned 1 files",
+        "1 of them are remote-only: each stays on local disk once it is read "
+        "(pin --fetch downloads them now)"]
+    r = run("state", str(m.path / "f"), "-c", str(m.config))
+    assert r.stdout.split() == ["remote-only", "f", "s3=uploaded", "pinned"]
+    r = admin(m, "pin", "--fetch", str(m.path / "f"))
+    assert r["downloaded"] == 1 and r["remote_only"] == 0
+    st = admin(m, "state", str(m.path / "f"))["f"]
+    assert st["state"] == "uploaded" and st["pinned"] is True
+    assert (m.path / "f").read_bytes() == data
+    m.umount()
+    m.start()
+    assert "startup check (clean stop)" in m.log_text()
+
+
+def test_import_makes_folder_markers_directories(make_mount: Any, s3: Any) -> None:
+    c = s3.client()
+    for key, body in {"folder/": b"", "folder/sub/": b"", "photos/a.jpg": b"jpeg",
+                      "empty-dir/": b""}.items():
+        c.put_object(Bucket=s3.bucket, Key=key, Body=body)
+    m = make_mount({"s3": {"type": "s3", **s3.options()}}, upload_delay=0)
+    r = admin(m, "import", "s3")
+    assert r["added"] == 1 and r["dirs"] == 3 and r["rejected"] == 0, r
+    assert sorted(os.listdir(m.path)) == ["empty-dir", "folder", "photos"]
+    assert os.listdir(m.path / "folder") == ["sub"]
+    assert os.path.isdir(m.path / "folder" / "sub")
+    assert (m.path / "photos" / "a.jpg").read_bytes() == b"jpeg"
+    assert admin(m, "import", "s3")["dirs"] == 0  # a rerun adds nothing
+
+
+def test_url_finds_the_mount_from_the_path(make_mount: Any, s3: Any) -> None:
+    m = make_mount({"s3": {"type": "s3", **s3.options(url_base="https://cdn.example.com")}},
+                   upload_delay=3600)
+    make_mount(name="other")  # two mirrorfs mounts on the machine
+    (m.path / "d").mkdir()
+    (m.path / "d" / "pic.jpg").write_bytes(b"x")
+    r = subprocess.run([*CLI, "url", str(m.path / "d" / "pic.jpg")], capture_output=True,
+                       text=True, cwd="/", timeout=60, env={
+                           **os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "https://cdn.example.com/d/pic.jpg"
