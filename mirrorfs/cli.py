@@ -308,22 +308,6 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-HELPER = """#!/bin/sh
-# mount(8) helper for `mount -t fuse.mirrorfs CONFIG MOUNTPOINT -o OPTIONS` and fstab lines
-# (written by `mirrorfs install-helper`). mount passes: SOURCE TARGET [-n] [-s] [-v] -o OPTS
-src="$1"; dst="$2"; shift 2
-opts=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        -o) opts="$2"; shift 2 ;;
-        -o*) opts="${1#-o}"; shift ;;
-        *) shift ;;
-    esac
-done
-exec %(python)s -m mirrorfs.cli mount "$src" "$dst" ${opts:+-o "$opts"}
-"""
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
     import trio
 
@@ -335,14 +319,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_install_helper(args: argparse.Namespace) -> int:
-    path = os.path.join(args.dir, "mount.fuse.mirrorfs")
-    text = HELPER % {"python": sys.executable}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
-    print(f"installed {path}")
+    from mirrorfs.install import install_helper
+
+    try:
+        print(f"installed {install_helper(args.dir)}")
+    except OSError as exc:
+        print(f"mirrorfs install-helper: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from mirrorfs.install import install
+
+    try:
+        for path in install(args.root):
+            print(f"installed {path}")
+    except OSError as exc:
+        print(f"mirrorfs install: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if os.path.abspath(args.root) == "/":
+        print("then: systemctl daemon-reload; systemctl enable --now mirrorfs@NAME "
+              "(mounts /etc/mirrorfs/NAME.toml on /srv/NAME)")
     return EXIT_OK
 
 
@@ -378,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="install /sbin/mount.fuse.mirrorfs for mount -t and fstab")
     h.add_argument("--dir", default="/sbin")
     h.set_defaults(func=cmd_install_helper)
+
+    i = sub.add_parser("install", help="install /usr/local/bin/mirrorfs, the mount helper and "
+                       "the systemd units")
+    i.add_argument("--root", default="/", help="install under this directory (the files "
+                   "name each other there)")
+    i.set_defaults(func=cmd_install)
 
     from mirrorfs.admin_cli import add_admin_commands
 

@@ -467,3 +467,44 @@ def test_url_finds_the_mount_from_the_path(make_mount: Any, s3: Any) -> None:
                            **os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "https://cdn.example.com/d/pic.jpg"
+
+
+# ----------------------------------------------------------------------------- installing
+
+
+def test_install_into_a_root_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """`mirrorfs install --root` puts the command, the helper and the units in place, and
+    systemd-analyze verify accepts the units as installed (their commands exist)."""
+    import shutil
+
+    from mirrorfs.install import render
+
+    if shutil.which("systemd-analyze") is None:  # Debian's systemd package ships it
+        import pytest
+
+        pytest.skip("no systemd-analyze on this machine")
+    root = tmp_path / "root"
+    r = run("install", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    cmd = root / "usr/local/bin/mirrorfs"
+    helper = root / "sbin/mount.fuse.mirrorfs"
+    service = root / "etc/systemd/system/mirrorfs@.service"
+    mount_unit = root / "usr/share/doc/mirrorfs/examples/srv-media.mount"
+    for f in (cmd, helper):
+        assert os.access(f, os.X_OK), f
+    assert f"ExecStart={cmd} mount --foreground" in service.read_text()
+    assert f"exec {cmd} mount" in helper.read_text()
+    # the installed command runs this mirrorfs
+    r2 = subprocess.run([str(cmd), "install", "--help"], capture_output=True, text=True,
+                        cwd="/", timeout=60, env={k: v for k, v in os.environ.items()
+                                                  if k != "PYTHONPATH"})
+    assert r2.returncode == 0 and "--root" in r2.stdout, r2.stderr
+    for unit in (service, mount_unit):
+        v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                           text=True, timeout=120)
+        assert v.returncode == 0, v.stderr
+        assert "mirrorfs" not in v.stderr, v.stderr
+    # tools/systemd holds the same units as installed on /
+    for rel, (text, _mode) in render("/").items():
+        if rel.endswith((".service", ".mount")):
+            assert (REPO / "tools" / "systemd" / os.path.basename(rel)).read_text() == text
