@@ -15,6 +15,7 @@ owns LMDB writes and every mirror's runtime state.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -113,6 +114,7 @@ class Sample:
 def family_name(section: str, field: str) -> str:
     meta = FIELDS.get((section, field))
     name = f"{PREFIX}_{section}_{field}" if section else f"{PREFIX}_{field}"
+    name = re.sub(r"[^a-zA-Z0-9_]", "_", name)  # a table keyed by task names, say
     if meta is not None and meta.unit and not name.endswith("_" + meta.unit):
         name += "_" + meta.unit
     return name
@@ -150,7 +152,8 @@ def samples(stats: Mapping[str, Any]) -> Iterator[Sample]:
             if value is None:
                 continue
             meta = FIELDS.get((section, key))
-            counter = meta.counter if meta else key.endswith(COUNTER_SUFFIXES)
+            counter = meta.counter if meta else any(
+                p.endswith(COUNTER_SUFFIXES) for p in (*path, key))
             text = meta.help if meta else f"The stats field {'.'.join((*path, key))}."
             yield Sample(family_name(section, key), counter, text, labels, value,
                          (*path, key))

@@ -508,3 +508,23 @@ def test_install_into_a_root_passes_systemd_analyze_verify(tmp_path: Path) -> No
     for rel, (text, _mode) in render("/").items():
         if rel.endswith((".service", ".mount")):
             assert (REPO / "tools" / "systemd" / os.path.basename(rel)).read_text() == text
+
+
+def test_metrics_take_stats_fields_added_later() -> None:
+    """Fields other work adds to `stats` (audit findings per mirror, task restarts) become
+    typed families with no change to the metrics module."""
+    from mirrorfs.metrics import exposition
+
+    st = {"files": 1, "mirrors": {"s3": {"uploads": 3, "audit": {"missing": 2, "stray": 0},
+                                         "last_error": "x"},
+                                  "ftp": {"uploads": 1, "audit": {"missing": 0, "stray": 1}}},
+          "task_restarts": {"uploader:s3": 2, "space-keeper": 0}, "quarantined": 4,
+          "pull": {}}
+    fams = parse(exposition(st).decode())
+    assert {s.labels["mirror"]: s.value for s in fams["mirrorfs_mirror_audit_missing"].samples} \
+        == {"s3": 2, "ftp": 0}
+    assert fams["mirrorfs_mirror_audit_stray"].type == "gauge"
+    assert fams["mirrorfs_task_restarts_uploader_s3"].type == "counter"
+    assert fams["mirrorfs_task_restarts_uploader_s3"].samples[0].value == 2
+    assert fams["mirrorfs_quarantined"].samples[0].value == 4
+    assert all(f.documentation and f.type in ("gauge", "counter") for f in fams.values())
