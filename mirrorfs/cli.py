@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid config, 3 alrea
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import logging
 import logging.handlers
@@ -76,19 +77,40 @@ def mounts_at(path: str) -> list[tuple[str, str]]:
     return out
 
 
+def clear_dead_mount(mountpoint: str, config_path: str) -> None:
+    """A mirrorfs of this same config that died (kill -9, OOM) leaves its mount behind, where
+    every access fails with ENOTCONN. Starting it again (systemd's Restart=on-failure) must
+    not need a hand: the dead mount is detached first."""
+    real = os.path.realpath(mountpoint)
+    there = mounts_at(real)
+    if not there or there[-1][1] != "fuse.mirrorfs" or \
+            there[-1][0].replace("\\040", " ").replace("\\011", "\t") != config_path:
+        return
+    try:
+        os.stat(real)
+        return  # alive: check_mount_point says so
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+    log.warning("%s is the mount of a mirrorfs of %s that died; detaching it", real,
+                config_path)
+    subprocess.run(["fusermount3", "-u", "-z", real], check=False)
+
+
 def check_mount_point(mountpoint: str, options: list[str]) -> str | None:
     """Why ``mountpoint`` must not be mounted on, or None. A mount there, or files in it,
     would be hidden under the new mount (``-o nonempty`` allows both)."""
-    if not os.path.isdir(mountpoint):
-        return f"mount point {mountpoint} is not a directory"
-    if "nonempty" in ",".join(options).split(","):
-        return None
+    nonempty = "nonempty" in ",".join(options).split(",")
     real = os.path.realpath(mountpoint)
     there = mounts_at(real)
-    if there:
+    if there and not nonempty:
         src, kind = there[-1]
         return (f"{real} is already a mount point ({kind} from {src}); unmount it first, or "
                 "give -o nonempty to mount on top of it")
+    if not os.path.isdir(mountpoint):
+        return f"mount point {mountpoint} is not a directory"
+    if nonempty:
+        return None
     try:
         entries = os.listdir(real)
     except OSError as exc:
@@ -142,6 +164,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "INFO")  # config warnings go through logging too
     cfg = _load(args.config)
     mountpoint = os.path.abspath(args.mountpoint)
+    clear_dead_mount(mountpoint, cfg.path)
     problem = check_mount_point(mountpoint, args.options)
     if problem:
         print(f"mirrorfs: {problem}", file=sys.stderr)

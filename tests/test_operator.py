@@ -528,3 +528,38 @@ def test_metrics_take_stats_fields_added_later() -> None:
     assert fams["mirrorfs_task_restarts_uploader_s3"].samples[0].value == 2
     assert fams["mirrorfs_quarantined"].samples[0].value == 4
     assert all(f.documentation and f.type in ("gauge", "counter") for f in fams.values())
+
+
+def test_mount_after_a_crash_clears_the_dead_mount(make_mount: Any) -> None:
+    """A daemon killed outright leaves a dead mount (ENOTCONN) on its mount point; mounting
+    the same config again (as systemd's Restart=on-failure does) detaches it and mounts."""
+    import errno
+    import signal
+
+    m = make_mount()
+    (m.path / "f").write_text("kept")
+    assert m.proc is not None
+    os.killpg(m.proc.pid, signal.SIGKILL)
+    m.proc.wait()
+    m.proc = None
+    try:
+        os.stat(m.path)
+        raise AssertionError("the mount is not dead")
+    except OSError as exc:
+        assert exc.errno == errno.ENOTCONN
+    m.expect_log(r"that died; detaching it")
+    try:
+        r = run("mount", str(m.config), str(m.path), "--log-file", str(m.log))
+        assert r.returncode == 0, r.stderr
+        assert "that died; detaching it" in r.stderr
+        assert (m.path / "f").read_text() == "kept"
+        pid = int((m.config.parent / "cache" / "lock").read_text())
+        # a dead mount of another config is not touched: refused, one line
+        other = make_mount(name="other", start=False)
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        r = run("mount", str(other.config), str(m.path))
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "already a mount point" in r.stderr
+    finally:
+        lazy_unmount(m.path)
