@@ -126,7 +126,8 @@ TOP_OPTIONS: dict[str, Opt] = {
                     "bound on data not yet on every mirror; writers wait beyond it"),
     "upload_delay": (_duration, 30.0, "seconds of quiet after the last change before upload"),
     "log_level": (_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    "paused": (_bool, False, "start with uploads paused"),
+    "paused": (_bool, False, "start every mount with uploads paused (a `mirrorfs pause` is "
+               "kept across mounts by itself, until `mirrorfs resume`)"),
     "xattrs": (_bool, False,
                "serve extended attributes (user.* and user.mirrorfs.*); costs a kernel round "
                "trip per write(2), see README"),
