@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc python3-dev vsftpd; do
+# systemd: its systemd-analyze checks the units `mirrorfs install` writes (tests)
+for pkg in fuse3 libfuse3-dev pkg-config gcc python3-dev vsftpd systemd; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # python3-dev is only needed if the interpreter has no headers of its own (pyenv builds do).
@@ -37,4 +38,5 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
     .venv/bin/pip install -q -e ".[test,bench]"
     touch "$stamp"
 fi
-echo "setup: ready (.venv/bin/mirrorfs)"
+echo "setup: ready (.venv/bin/mirrorfs; \`.venv/bin/mirrorfs install\` puts /usr/local/bin/mirrorfs," \
+     "the mount helper and the systemd units in place)"
