@@ -319,10 +319,11 @@ def held_count(d: Daemon) -> int:
 
 
 def unswept(d: Daemon) -> list[str]:
-    """Mirrors whose start-up clean-up of cut transfers has not run yet."""
-    if d.auditor is None:
+    """Mirrors that are up and whose start-up clean-up of cut transfers has not run yet."""
+    if d.auditor is None or d.uploader is None:
         return []
-    return [m.name for m in d.reg.mirrors if m.name not in d.auditor.swept]
+    return [m.rule.name for m in d.uploader.mirrors.values()
+            if m.up and m.rule.name not in d.auditor.swept]
 
 
 async def cmd_drain(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:

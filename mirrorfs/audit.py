@@ -46,7 +46,7 @@ import trio
 import xxhash
 
 from mirrorfs.cache.db import U16, U64, RemoteCopy, get_counter, set_counter
-from mirrorfs.errors import MirrorfsError, NotFound
+from mirrorfs.errors import MirrorfsError, NotFound, PermanentRemoteError
 
 if TYPE_CHECKING:
     import lmdb
@@ -115,16 +115,19 @@ class Auditor:
         cfg = next(c for c in self.d.cfg.mirrors if c.name == m.rule.name)
         interval = cfg.audit_interval
         while m.rule.name not in self.swept:
-            if m.up and not m.paused:
+            if m.up:
                 try:
                     await self.clean_temps(m, Findings())
+                except PermanentRemoteError as exc:  # e.g. not allowed to list uploads
+                    log.info("mirror %s: cannot clean up temp objects: %s", m.rule.name, exc)
+                    self.swept.add(m.rule.name)
                 except MirrorfsError as exc:
                     log.info("mirror %s: clean-up of temp objects failed: %s", m.rule.name,
                              exc)
                 else:
                     self.swept.add(m.rule.name)
                     break
-            await trio.sleep(5.0)
+            await trio.sleep(1.0)
         if interval <= 0:
             return
         while True:

@@ -368,7 +368,7 @@ def run_random_kills(make_mount: Any, s3: Any, ftp: Any, tmp_path: Path,
                 churn(m.path, seed * 1000 + i)
             finally:
                 os._exit(0)
-        time.sleep(rng.uniform(0.3, 2.0))
+        time.sleep(rng.uniform(0.2, 1.2))
         assert m.proc is not None
         os.killpg(m.proc.pid, signal.SIGKILL)
         m.proc.wait()
