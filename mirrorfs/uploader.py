@@ -537,8 +537,9 @@ class Uploader:
         src = self.store.path(ino)
         idx = m.rule.index
         with self.reg.db.begin(write=True) as txn:
-            if self._owner(txn, m, path) != ino:  # not ours yet: say so before writing it
-                self.reg.set_pending(txn, idx, ino, path, PEND_UPLOAD)
+            # say so before writing it: if the key is not ours yet, a crash must not leave
+            # it owned by nothing; and a crash may leave a temp file in its directory
+            self.reg.set_pending(txn, idx, ino, path, PEND_UPLOAD)
         t0 = trio.current_time()
         whole, chunks, size = await trio.to_thread.run_sync(hash_file, src,
                                                            limiter=self.hash_limiter)

@@ -122,6 +122,8 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
 
     space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
                   dirty_limit=cfg.dirty_limit)
+    auditor = Auditor(daemon)  # before any job runs: it reads the cut uploads' records
+    daemon.auditor = auditor
     uploader = await Uploader.create(reg, store, ops, states, nursery)
     daemon.uploader = uploader
     fetcher = Fetcher(reg, store, remotes, list(cfg.read_order), stats, nursery,
@@ -146,8 +148,6 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
             sync = Sync(daemon, mcfg, mstate)
             daemon.syncs.append(sync)
             nursery.start_soon(sync.run, name=f"pull:{mcfg.name}")
-    auditor = Auditor(daemon)
-    daemon.auditor = auditor
     for mstate in states:
         nursery.start_soon(auditor.run, mstate, name=f"audit:{mstate.rule.name}")
     await nursery.start(serve_control, daemon,

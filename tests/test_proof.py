@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,11 @@ def test_temps_of_cut_transfers_are_removed_at_start(make_mount: Any, s3: Any, f
     (m.path / "sub").mkdir()
     (m.path / "sub" / "other.tmp").write_bytes(b"not ours")
     drain(m)
-    assert not all_temps(tmp_path / "dm") and not all_temps(Path(ftp.root))
+    # no upload of ours was cut here: the first audit (at the first start) finds them
+    m.wait_for(lambda: not all_temps(tmp_path / "dm") and not all_temps(Path(ftp.root)))
     assert (tmp_path / "dm" / "sub" / "other.tmp").read_bytes() == b"not ours"
     assert c.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+    m.wait_for(lambda: all(v["audit_runs"] for v in admin(m, "stats")["mirrors"].values()))
     st = admin(m, "stats")["mirrors"]
     assert {n: st[n]["temps_removed"] for n in st} == {"s3": 1, "ftp": 2, "dir": 2}, st
 
@@ -396,8 +399,13 @@ def run_random_kills(make_mount: Any, s3: Any, ftp: Any, tmp_path: Path,
             f"seed {seed}: {name}: missing {missing}, extra {extra}, stale {stale}")
     temps = all_temps(tmp_path / "dm") + all_temps(Path(ftp.root))
     uploads = s3.client().list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+    text = m.log_text()
+    settled = text.count("left by an unfinished")
+    removed = sum(int(x) for x in re.findall(r"removed (\d+) temp object", text))
     print(f"{kills} kills in {spent:.1f}s; {len(local)} files; (missing, extra, stale) per "
-          f"mirror {report}; temps {len(temps)}, incomplete uploads {len(uploads)}")
+          f"mirror {report}; temps {len(temps)}, incomplete uploads {len(uploads)}; "
+          f"objects of cut operations removed after restarts: {settled}, temp objects and "
+          f"incomplete uploads removed: {removed}")
     assert not temps and not uploads, (temps, uploads)
     assert admin(m, "stats")["journal_length"] == 0
 

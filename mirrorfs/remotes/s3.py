@@ -19,7 +19,7 @@ import mimetypes
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -592,7 +592,7 @@ class S3Remote(Remote):
 
     keeps_meta = True
 
-    async def clean_temps(self, cutoff: float) -> int:
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
         """Abort incomplete multipart uploads under our prefix that this process is not
         running and that were started before ``cutoff`` (they cost storage until aborted)."""
         n = 0
