@@ -117,6 +117,13 @@ def print_stats(s: dict[str, Any]) -> None:
                   f"{last}")
             if m.get("last_error") and state != "up":
                 print(f"{'':<14}last error: {m['last_error']}")
+            if m.get("audit_last"):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["audit_last"]))
+                print(f"{'':<14}audit {when}: {m['audit_checked']:,} objects, missing "
+                      f"{m['audit_missing']:,}, changed {m['audit_changed']:,}, stray "
+                      f"{m['audit_stray']:,}, foreign {m['audit_foreign']:,}")
+            if m.get("delayed_deletes"):
+                print(f"{'':<14}{m['delayed_deletes']:,} deletes held by the delayed policy")
 
 
 def prometheus(s: dict[str, Any]) -> str:

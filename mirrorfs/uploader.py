@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import stat
 import time
 from collections.abc import Callable
@@ -77,6 +76,7 @@ from mirrorfs.errors import (
 )
 from mirrorfs.hashing import hash_file
 from mirrorfs.remotes.base import ObjectMeta, Remote
+from mirrorfs.seams import crash_point
 
 if TYPE_CHECKING:
     from mirrorfs.cache.store import Store
@@ -86,16 +86,6 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 5.0
 MAX_BACKOFF = 300.0
-
-#: Test-only seam: the daemon SIGKILLs itself when it reaches the named point, so that tests
-#: can put a crash exactly into one window of a multi-step operation (tests/test_proof.py).
-_CRASH_AT = os.environ.get("MIRRORFS_TEST_CRASH_AT", "")
-
-
-def crash_point(name: str) -> None:
-    if _CRASH_AT and _CRASH_AT == name:
-        log.info("test seam: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def backoff(attempts: int) -> float:

@@ -3,7 +3,7 @@ drained; mirrorfs notices by itself when a mirror does not.
 
 The deterministic crash tests put a SIGKILL exactly into one window of a multi-step remote
 operation through a test-only seam: with ``MIRRORFS_TEST_CRASH_AT=<point>`` in its
-environment the daemon kills itself when it reaches that point (``uploader.crash_point``).
+environment the daemon kills itself when it reaches that point (``mirrorfs/seams.py``).
 """
 
 from __future__ import annotations
@@ -62,11 +62,12 @@ def start_paused(m: Mount) -> None:
     m.start()
 
 
-@pytest.mark.parametrize("point", ["put-done", "upload-recorded", "rename-done"])
+@pytest.mark.parametrize("point", ["put-done", "upload-recorded", "s3-copied", "rename-done"])
 def test_kill_inside_a_multistep_operation_leaves_nothing_behind(
         make_mount: Any, s3: Any, ftp: Any, tmp_path: Path, point: str) -> None:
     """put-done: an upload reached the mirror and was not recorded; upload-recorded: a
     changed and renamed file's new key is recorded and its old key not yet deleted;
+    s3-copied: S3's server-side rename copied the object and did not delete the source;
     rename-done: a server-side rename happened and was not recorded. After the restart the
     file is renamed once more; then every mirror must equal the mount."""
     m = make_mount(three_mirrors(tmp_path, s3, ftp), upload_delay=0,
@@ -95,7 +96,7 @@ def test_kill_inside_a_multistep_operation_leaves_nothing_behind(
     assert st["journal_length"] == 0, st
 
 
-@pytest.mark.parametrize("point", ["put-done", "rename-done"])
+@pytest.mark.parametrize("point", ["put-done", "s3-copied", "rename-done"])
 def test_kill_inside_a_multistep_operation_then_delete(
         make_mount: Any, s3: Any, tmp_path: Path, point: str) -> None:
     """The same windows, with the file deleted after the restart: a delete must reach what
@@ -105,7 +106,7 @@ def test_kill_inside_a_multistep_operation_then_delete(
                     "dir": {"type": "dir", "path": str(tmp_path / "dm")}}, upload_delay=0,
                    env={"MIRRORFS_TEST_CRASH_AT": point})
     (m.path / "a.txt").write_bytes(os.urandom(5000))
-    if point == "rename-done":
+    if point != "put-done":
         drain(m)
         os.rename(m.path / "a.txt", m.path / "b.txt")
     wait_dead(m)

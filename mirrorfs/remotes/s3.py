@@ -51,6 +51,7 @@ from mirrorfs.remotes.base import (
     quote_key,
     retry,
 )
+from mirrorfs.seams import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -507,10 +508,12 @@ class S3Remote(Remote):
             await self._s3("copy_object", f"copy {sfull} to {dfull}", Key=dfull,
                            CopySource={"Bucket": self.bucket, "Key": sfull},
                            MetadataDirective="COPY", **self._storage())
+            crash_point("s3-copied")
             await self._s3("delete_object", f"rename {src}", Key=sfull)
             return
         head = await self._s3("head_object", f"rename {src}", Key=sfull)
         await self._copy(sfull, dfull, head, None)
+        crash_point("s3-copied")
         await self._s3("delete_object", f"rename {src}", Key=sfull)
 
     async def _copy(self, sfull: str, dfull: str, head: dict[str, Any],
