@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mirrorfs.admin import COMMANDS, file_state, paused_mirrors
+from mirrorfs.audit import Auditor
 from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
@@ -122,6 +123,8 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
 
     space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
                   dirty_limit=cfg.dirty_limit)
+    auditor = Auditor(daemon)  # before any job runs: it reads the cut uploads' records
+    daemon.auditor = auditor
     uploader = await Uploader.create(reg, store, ops, states, nursery)
     daemon.uploader = uploader
     fetcher = Fetcher(reg, store, remotes, list(cfg.read_order), stats, nursery,
@@ -146,6 +149,8 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
             sync = Sync(daemon, mcfg, mstate)
             daemon.syncs.append(sync)
             nursery.start_soon(sync.run, name=f"pull:{mcfg.name}")
+    for mstate in states:
+        nursery.start_soon(auditor.run, mstate, name=f"audit:{mstate.rule.name}")
     await nursery.start(serve_control, daemon,
                         {**COMMANDS, "import": cmd_import, "verify": cmd_verify,
                          "pull": cmd_pull, "conflicts": cmd_conflicts})
