@@ -50,13 +50,20 @@ PY = sys.executable
 MiB = 1 << 20
 GiB = 1 << 30
 UPLOAD_DELAY = 5.0  # mirrorfs upload_delay == rclone --vfs-write-back
+QUIET_DELAY = 24 * 3600.0  # mirrorfs-quiet: nothing is uploaded while it is measured
 CACHE_SIZE = "8G"  # mirrorfs cache_size == rclone --vfs-cache-max-size
 ATTR_TIMEOUT = 5.0  # mirrorfs attr_timeout == rclone --attr-timeout
 CONCURRENCY = 4  # mirrorfs mirror concurrency == rclone --transfers (default 4) == boto3 threads
 SMALL_SIZE = 4096
 CREDS = {"access_key_id": "test", "secret_access_key": "test"}
 REGION = "us-east-1"
-SYSTEMS = ("disk", "mirrorfs", "rclone", "boto3")
+SYSTEMS = ("disk", "ceiling", "mirrorfs-quiet", "mirrorfs", "rclone", "boto3")
+#: the systems --systems may name (boto3 comes with any mirroring one)
+CHOOSABLE = SYSTEMS[:-1]
+#: the FUSE daemons whose CPU time is reported
+DAEMONS = ("ceiling", "mirrorfs-quiet", "mirrorfs", "rclone")
+#: installed packages tarred (sources only) at bench start for the real-client row
+TAR_PACKAGES = ("botocore", "moto")
 DASH = "\u2013"  # en dash, for ranges in the report
 
 
@@ -84,7 +91,9 @@ QUICK = Sizes(big=256 * MiB, small_files=2_000, drain_files=500, rename_files=20
 @dataclass(frozen=True)
 class Goal:
     label: str
-    threshold: float  # on the median per-repetition ratio mirrorfs / reference
+    threshold: float  # on the median per-repetition speed ratio system / reference
+    system: str = "mirrorfs"
+    ref: str = ""  # "": the metric's reference
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,44 @@ class Metric:
 SEQ_GOALS = (Goal(">= 0.9x disk", 0.9), Goal("issue-2: >= 0.6x disk", 0.6))
 
 
-def metrics(s: Sizes) -> list[Metric]:
+#: issue 19's goals for the small-file rows, against the ceiling and rclone
+SF_GOALS = (Goal("quiet >= 0.9x ceiling", 0.9, "mirrorfs-quiet", "ceiling"),
+            Goal("running >= 0.7x ceiling", 0.7, "mirrorfs", "ceiling"),
+            Goal("running >= 1.5x rclone", 1.5, "mirrorfs", "rclone"))
+#: daemon CPU per operation <= 1.5x the ceiling's: as a speed ratio, >= 1 / 1.5
+CPU_GOALS = (Goal("quiet CPU <= 1.5x ceiling", 1 / 1.5, "mirrorfs-quiet", "ceiling"),
+             Goal("running CPU <= 1.5x ceiling", 1 / 1.5, "mirrorfs", "ceiling"))
+
+
+def sf_cpu_metrics(s: Sizes) -> list[Metric]:
+    n = f"{s.small_files:,}"
+    out = [Metric(f"{k}_cpu", f"daemon CPU per 1,000 {what} ({n} files)", "CPU s", False,
+                  "ceiling", CPU_GOALS, "utime + stime of the daemon's process tree during "
+                  "the phase") for k, what in (("sf_create", "creates"), ("sf_stat", "stats"),
+                                             ("sf_list", "listed entries"),
+                                             ("sf_delete", "deletes"))]
+    out.append(Metric("sf_unit_cpu", f"daemon CPU per 1,000 files, whole unit ({n} files: "
+                      "create, stat, list, delete, until the bucket is settled)", "CPU s", False,
+                      "ceiling", (), "includes the uploads and deletes on the mirror"))
+    return out
+
+
+def rc_metrics(tar_files: int, packages: tuple[str, ...]) -> list[Metric]:
+    what = f"a tarball of {tar_files:,} files" if tar_files else "a source tarball"
+    goal = (Goal("running >= 0.8x ceiling", 0.8, "mirrorfs", "ceiling"),)
+    return [
+        Metric("rc_untar", f"real client: unpack {what} (tar xzf)", "s", False, "disk", goal,
+               f"sources of the installed {', '.join(packages)}, tarred at bench start"),
+        Metric("rc_git", "real client: git init && git add -A && git commit on it", "s", False,
+               "disk", goal),
+        Metric("rc_total", "real client: unpack + git, total", "s", False, "disk", goal),
+        Metric("rc_cpu", "real client: daemon CPU for unpack + git", "CPU s", False,
+               "ceiling", CPU_GOALS),
+    ]
+
+
+def metrics(s: Sizes, tar_files: int = 0,
+            packages: tuple[str, ...] = TAR_PACKAGES) -> list[Metric]:
     big = human_size(s.big)
     d = f"{UPLOAD_DELAY:g} s"
     return [
@@ -117,11 +163,14 @@ def metrics(s: Sizes) -> list[Metric]:
         Metric("randread_lat", "random 4 KiB reads, QD1, warm: mean latency", "µs", False,
                "disk"),
         Metric("sf_create", f"create {s.small_files:,} files of 4 KiB", "files/s", True, "disk",
-               (Goal(">= 0.3x disk", 0.3),)),
-        Metric("sf_stat", f"stat {s.small_files:,} files", "stats/s", True, "disk"),
+               (Goal(">= 0.3x disk", 0.3), *SF_GOALS)),
+        Metric("sf_stat", f"stat {s.small_files:,} files", "stats/s", True, "disk", SF_GOALS),
         Metric("sf_list", f"list a directory of {s.small_files:,} files", "entries/s", True,
-               "disk"),
-        Metric("sf_delete", f"delete {s.small_files:,} files", "files/s", True, "disk"),
+               "disk", SF_GOALS),
+        Metric("sf_delete", f"delete {s.small_files:,} files", "files/s", True, "disk",
+               SF_GOALS),
+        *sf_cpu_metrics(s),
+        *rc_metrics(tar_files, packages),
         Metric("remote_ttfb", f"cold read of a remote-only {big} file: first 1 MiB", "ms",
                False, "boto3", (), "boto3: streamed get_object"),
         Metric("remote_read", f"cold read of a remote-only {big} file: throughput", "MB/s",
@@ -234,6 +283,31 @@ def machine_info(fs_note: str) -> dict[str, str]:
         "mirrorfs": f"{commit}{' + uncommitted changes in mirrorfs/' if dirty else ''}",
         "load average at start": " ".join(open("/proc/loadavg").read().split()[:3]),
     }
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its descendants so far: every thread of each
+    (a process's /proc/<pid>/stat sums its threads), plus the reaped children it waited for.
+    A daemon that moves work to a helper process is charged for it."""
+    tck = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (ppid, seconds)
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields after the name: state ppid ... utime(12) stime(13) cutime(14) cstime(15)
+        stats[int(d)] = (int(f[1]), sum(int(x) for x in f[11:15]) / tck)
+    if pid not in stats:
+        raise RuntimeError(f"daemon pid {pid} is gone")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats[p][1]
+        todo += [c for c, (pp, _) in stats.items() if pp == p]
+    return total
 
 
 def remember_pid(pid: int, what: str) -> None:
@@ -517,15 +591,23 @@ class Boto3Ref(System):
 
 
 class Mirrorfs(System):
+    """``mirrorfs``: uploads running (``upload_delay`` 5 s, as rclone's write-back);
+    ``mirrorfs-quiet``: a day's delay, so nothing is uploaded while it is measured (a local-only
+    system here: no remote workloads)."""
+
     name = "mirrorfs"
     remote = True
 
-    def __init__(self, fs: Path, moto: Moto) -> None:
-        self.cache = fs / "mirrorfs-cache"
-        self.root = WORK / "mnt-mirrorfs"
-        self.log = WORK / "logs" / "mirrorfs.log"
+    def __init__(self, fs: Path, moto: Moto, name: str = "mirrorfs",
+                 delay: float = UPLOAD_DELAY) -> None:
+        self.name = name
+        self.delay = delay
+        self.remote = delay < 60
+        self.cache = fs / f"{name}-cache"
+        self.root = WORK / f"mnt-{name}"
+        self.log = WORK / "logs" / f"{name}.log"
         self.log.unlink(missing_ok=True)  # one run, one log
-        self.bucket = Bucket(moto, "mirrorfs-bench")
+        self.bucket = Bucket(moto, f"{name}-bench")
         self.bucket_name = self.bucket.name
         self.endpoint = moto.endpoint
         self.mount: Any = None
@@ -548,9 +630,9 @@ class Mirrorfs(System):
             mirror = {"type": "dir", "path": str(WORK / "fs" / "dir-mirror")}
             self.mirror_note = "dir mirror (the S3 remote is not importable)"
             self.remote = False
-        conf = write_config(WORK / "mirrorfs.toml", {
+        conf = write_config(WORK / f"{self.name}.toml", {
             "cache_dir": str(self.cache), "cache_size": CACHE_SIZE,
-            "upload_delay": UPLOAD_DELAY, "attr_timeout": ATTR_TIMEOUT, "xattrs": False,
+            "upload_delay": self.delay, "attr_timeout": ATTR_TIMEOUT, "xattrs": False,
             "log_level": "INFO"}, {"bench": mirror})
         conf.chmod(0o600)
         self.mount = Mount(conf, self.root, self.log)
@@ -597,53 +679,32 @@ class Mirrorfs(System):
                 if " WARNING " in line or " ERROR " in line or line.startswith("Traceback")]
 
 
-class Rclone(System):
-    name = "rclone"
-    remote = True
+class DaemonProcess(System):
+    """A FUSE daemon we start ourselves (ceiling, rclone): mount, check, unmount."""
 
-    def __init__(self, fs: Path, moto: Moto) -> None:
-        self.cache = fs / "rclone-cache"
-        self.root = WORK / "mnt-rclone"
-        self.log = WORK / "logs" / "rclone.log"
-        self.log.unlink(missing_ok=True)
-        self.conf = WORK / "rclone.conf"
-        self.bucket = Bucket(moto, "rclone-bench")
-        self.bucket_name = self.bucket.name
-        self.endpoint = moto.endpoint
-        self.proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path
 
-    def start(self) -> None:
+    def spawn(self, cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
         self.log.parent.mkdir(exist_ok=True)
         self.root.mkdir(exist_ok=True)
-        self.conf.write_text("[bench]\ntype = s3\nprovider = Other\n"
-                             f"access_key_id = {CREDS['access_key_id']}\n"
-                             f"secret_access_key = {CREDS['secret_access_key']}\n"
-                             f"endpoint = {self.endpoint}\nregion = {REGION}\n"
-                             "force_path_style = true\nno_head = true\n")
-        self.conf.chmod(0o600)
-        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-        cmd = ["rclone", "mount", f"bench:{self.bucket_name}", str(self.root),
-               "--config", str(self.conf), "--cache-dir", str(self.cache),
-               "--vfs-cache-mode", "full", "--vfs-write-back", f"{UPLOAD_DELAY:g}s",
-               "--vfs-cache-max-size", CACHE_SIZE, "--attr-timeout", f"{ATTR_TIMEOUT:g}s",
-               "--transfers", str(CONCURRENCY), "--log-file", str(self.log),
-               "--log-level", "NOTICE"]
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        logf = open(self.log, "ab")  # the child owns it
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                                     stderr=logf, start_new_session=True)
+        logf.close()
         self.daemon_pid = self.proc.pid
-        remember_pid(self.proc.pid, "rclone")
+        remember_pid(self.proc.pid, what)
         t0 = time.monotonic()
         while not is_mounted(self.root):
             if self.proc.poll() is not None or time.monotonic() - t0 > 60:
                 self.stop()
-                raise RuntimeError("rclone did not mount: "
+                raise RuntimeError(f"{self.name} did not mount: "
                                    + self.log.read_text(errors="replace")[-2000:])
             time.sleep(0.05)
 
     def alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError("the rclone daemon is not running")
+            raise RuntimeError(f"the {self.name} daemon is not running")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -658,6 +719,54 @@ class Rclone(System):
             forget_pid(self.proc.pid)
             self.proc = None
         lazy_unmount(self.root)
+
+
+class Ceiling(DaemonProcess):
+    """bench/ceiling.py: a pyfuse3 + trio passthrough of a directory on the same filesystem,
+    what any design on our stack can reach."""
+
+    name = "ceiling"
+
+    def __init__(self, fs: Path) -> None:
+        self.src = fs / "ceiling-src"
+        self.src.mkdir(exist_ok=True)
+        self.root = WORK / "mnt-ceiling"
+        self.log = WORK / "logs" / "ceiling.log"
+        self.log.unlink(missing_ok=True)
+
+    def start(self) -> None:
+        self.spawn([PY, str(BENCH / "ceiling.py"), str(self.src), str(self.root)], "ceiling.py")
+
+
+class Rclone(DaemonProcess):
+    name = "rclone"
+    remote = True
+
+    def __init__(self, fs: Path, moto: Moto) -> None:
+        self.cache = fs / "rclone-cache"
+        self.root = WORK / "mnt-rclone"
+        self.log = WORK / "logs" / "rclone.log"
+        self.log.unlink(missing_ok=True)
+        self.conf = WORK / "rclone.conf"
+        self.bucket = Bucket(moto, "rclone-bench")
+        self.bucket_name = self.bucket.name
+        self.endpoint = moto.endpoint
+
+    def start(self) -> None:
+        self.conf.write_text("[bench]\ntype = s3\nprovider = Other\n"
+                             f"access_key_id = {CREDS['access_key_id']}\n"
+                             f"secret_access_key = {CREDS['secret_access_key']}\n"
+                             f"endpoint = {self.endpoint}\nregion = {REGION}\n"
+                             "force_path_style = true\nno_head = true\n")
+        self.conf.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+        cmd = ["rclone", "mount", f"bench:{self.bucket_name}", str(self.root),
+               "--config", str(self.conf), "--cache-dir", str(self.cache),
+               "--vfs-cache-mode", "full", "--vfs-write-back", f"{UPLOAD_DELAY:g}s",
+               "--vfs-cache-max-size", CACHE_SIZE, "--attr-timeout", f"{ATTR_TIMEOUT:g}s",
+               "--transfers", str(CONCURRENCY), "--log-file", str(self.log),
+               "--log-level", "NOTICE"]
+        self.spawn(cmd, "rclone", env)
 
     def make_remote_only(self, rel: str) -> None:
         """rclone has no evict command: restart it on an empty cache (the file is uploaded)."""
@@ -679,23 +788,51 @@ def worker_main(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     if kind == "smallfiles":
         import scaling
 
-        d, n = Path(args["dir"]), args["n"]
+        d, n, pid = Path(args["dir"]), args["n"], args.get("pid")
+        cpu: list[float] = []  # the daemon's CPU seconds around each phase
+
+        def mark() -> None:
+            if pid:
+                cpu.append(tree_cpu(pid))
+
+        mark()
         names, create = scaling.create_small_files(d, n, SMALL_SIZE)
+        mark()
         t = now()
         for p in names:
             os.stat(p)
         stat = now() - t
+        mark()
         t = now()
         with os.scandir(d) as it:
             listed = sum(1 for _ in it)
         lst = now() - t
+        mark()
         t = now()
         for p in names:
             os.unlink(p)
         delete = now() - t
+        mark()
         os.rmdir(d)
-        return {"sf_create": n / create, "sf_stat": n / stat, "sf_list": listed / lst,
-                "sf_delete": n / delete, "listed": listed}
+        out = {"sf_create": n / create, "sf_stat": n / stat, "sf_list": listed / lst,
+               "sf_delete": n / delete, "listed": listed}
+        if pid:
+            ops = (n, n, max(listed, 1), n)
+            for i, k in enumerate(("sf_create", "sf_stat", "sf_list", "sf_delete")):
+                out[f"{k}_cpu"] = (cpu[i + 1] - cpu[i]) * 1000.0 / ops[i]
+        return out
+    if kind == "realclient":
+        d = Path(args["dir"])
+        d.mkdir()
+        t = now()
+        subprocess.run(["tar", "xzf", args["tarball"], "-C", str(d)], check=True)
+        untar = now() - t
+        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost",
+               "-c", "init.defaultBranch=main", "-c", "gc.auto=0"]
+        t = now()
+        for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "import"]):
+            subprocess.run([*git, *cmd], cwd=d, check=True, stdout=subprocess.DEVNULL)
+        return {"rc_untar": untar, "rc_git": now() - t}
     if kind == "makefiles":
         d, n = Path(args["dir"]), args["n"]
         data = os.urandom(SMALL_SIZE)
@@ -821,6 +958,8 @@ class Ctx:
     profiles: list[Path] = field(default_factory=list)
     uploaded: dict[str, bool] = field(default_factory=dict)  # big file in the bucket, by system
     root: Path | None = None  # the loop filesystem every system works on
+    tarball: Path | None = None  # the real client's source tarball
+    tar_files: int = 0
     scale: Any = None  # scaling.ScaleSizes when the scaling part runs, else None
     scaling: Any = None  # its scaling.ScaleResults
 
@@ -936,26 +1075,78 @@ def w_remote_read(ctx: Ctx, s: System, rep: int) -> None:
 
 
 SF_KEYS = ["sf_create", "sf_stat", "sf_list", "sf_delete"]
+SF_CPU_KEYS = [f"{k}_cpu" for k in SF_KEYS] + ["sf_unit_cpu"]
 
 
 def w_smallfiles(ctx: Ctx, s: System, rep: int) -> None:
+    """Create, stat, list, delete in one worker; for a FUSE daemon also its CPU time per phase
+    (read by the worker between phases) and over the whole unit until the bucket is settled."""
     n = ctx.sizes.small_files
     attempt = [0]
+    pid = s.daemon_pid
 
     def once() -> dict[str, Any]:
         attempt[0] += 1
         d = f"sf-r{rep}-{attempt[0]}"
-        r = worker("smallfiles", dir=str(s.root / d), n=n)
+        c0 = tree_cpu(pid) if pid else 0.0
+        r = worker("smallfiles", dir=str(s.root / d), n=n, pid=pid)
         settle_prefix_empty(s, s.key(d + "/"), ctx)
+        if pid:
+            r["sf_unit_cpu"] = (tree_cpu(pid) - c0) * 1000.0 / n
         if r["listed"] != n:
             raise RuntimeError(f"listed {r['listed']} entries, expected {n}")
         return r
 
     r, bad = guarded(once, attempts=2)
-    for k in SF_KEYS:
+    keys = SF_KEYS + (SF_CPU_KEYS if pid else [])
+    for k in keys:
         ctx.results.put(k, s.name, rep, r[k])
     if bad:
-        ctx.results.flag(SF_KEYS, s.name, rep)
+        ctx.results.flag(keys, s.name, rep)
+
+
+RC_KEYS = ["rc_untar", "rc_git", "rc_total", "rc_cpu"]
+
+
+def make_tarball(dest: Path, packages: tuple[str, ...] = TAR_PACKAGES) -> int:
+    """A source tarball from installed packages (nothing downloaded): their files without
+    __pycache__, gzipped; returns how many files it holds."""
+    import importlib.util
+    import tarfile
+
+    dirs = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"package {name} is not installed")
+        dirs.append(Path(next(iter(spec.submodule_search_locations))))
+    tmp = dest.with_suffix(".part")
+    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        for d in dirs:
+            tar.add(d, arcname=f"src/{d.name}",
+                    filter=lambda ti: None if "__pycache__" in ti.name else ti)
+    tmp.rename(dest)
+    with tarfile.open(dest) as tar:
+        return sum(1 for m in tar.getmembers() if m.isfile())
+
+
+def w_realclient(ctx: Ctx, s: System, rep: int) -> None:
+    """Unpack a source tarball, then git init/add/commit it: what a user tries first."""
+    if ctx.tarball is None:
+        raise NotAvailable("no tarball")
+    d = f"rc-r{rep}"
+    pid = s.daemon_pid
+    try:
+        c0 = tree_cpu(pid) if pid else 0.0
+        r = worker("realclient", dir=str(s.root / d), tarball=str(ctx.tarball))
+        if pid:
+            ctx.results.put("rc_cpu", s.name, rep, tree_cpu(pid) - c0)
+        for k in ("rc_untar", "rc_git"):
+            ctx.results.put(k, s.name, rep, r[k])
+        ctx.results.put("rc_total", s.name, rep, r["rc_untar"] + r["rc_git"])
+    finally:
+        rm_tree(s.root / d)
+        settle_prefix_empty(s, s.key(d + "/"), ctx)
 
 
 def w_drain_small(ctx: Ctx, s: System, rep: int) -> None:
@@ -1038,7 +1229,8 @@ class Workload:
 WORKLOADS = [
     Workload("seq", w_seq, SEQ_KEYS, local=True, remote=True),
     Workload("remote_read", w_remote_read, REMOTE_READ_KEYS, local=False, remote=True),
-    Workload("smallfiles", w_smallfiles, SF_KEYS, local=True, remote=False),
+    Workload("smallfiles", w_smallfiles, SF_KEYS + SF_CPU_KEYS, local=True, remote=False),
+    Workload("realclient", w_realclient, RC_KEYS, local=True, remote=False),
     Workload("drain_small", w_drain_small, ["drain_small"], local=False, remote=True),
     Workload("rename", w_rename, RENAME_KEYS, local=False, remote=True),
 ]
@@ -1109,7 +1301,7 @@ def run_step(ctx: Ctx, w: Workload, s: System, rep: int) -> None:
     t0 = time.monotonic()
     try:
         s.alive()
-        with profiled(ctx, s, f"{w.name}-r{rep + 1}"):
+        with profiled(ctx, s, f"{s.name}-{w.name}-r{rep + 1}"):
             w.fn(ctx, s, rep)
         status = "ok"
     except NotAvailable as exc:
@@ -1200,11 +1392,15 @@ def fmt_ratio(r: float | None, rs: list[float]) -> str:
     return s
 
 
+def goal_ratio(res: Results, m: Metric, g: Goal) -> float | None:
+    return ratio(res, m, g.system, g.ref or m.ref)[0]
+
+
 def goal_lines(res: Results, ms: list[Metric]) -> list[str]:
     out = []
     for m in ms:
-        r, _ = ratio(res, m, "mirrorfs", m.ref)
         for g in m.goals:
+            r = goal_ratio(res, m, g)
             if r is None:
                 out.append(f"- {m.title}: {g.label}: **no figure**")
             else:
@@ -1217,7 +1413,8 @@ def goal_lines(res: Results, ms: list[Metric]) -> list[str]:
     for m in ms:
         r, _ = ratio(res, m, "mirrorfs", "rclone")
         if r is None:
-            none.append(m.title)
+            if res.cells(m.key, "mirrorfs") and res.cells(m.key, "rclone"):
+                none.append(m.title)
         elif r >= 1.0:
             better.append(f"{m.key} {r:.2f}x")
         else:
@@ -1235,7 +1432,7 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
     RESULTS.mkdir(exist_ok=True)
     only_scaling = args.only_scaling
     all_workloads = {w.name for w in WORKLOADS} | {"scaling"}
-    partial = not only_scaling and (set(systems) < {"disk", "mirrorfs", "rclone", "boto3"}
+    partial = not only_scaling and (set(systems) < set(SYSTEMS)
                                     or args.wanted_workloads < all_workloads)
     stamp = (dt.date.today().isoformat() + ("-quick" if args.quick else "")
              + ("-profile" if args.profile else "") + ("-scaling" if only_scaling else "")
@@ -1253,11 +1450,18 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
         lines += [f"- **repetitions**: {res.reps}, systems alternating in the order "
                   f"{', '.join(cols)}; benchmark time {elapsed / 60:.1f} min", ""]
         lines += ["Each cell: median (min-max) over the repetitions. Ratios are speed ratios "
-                  "(> 1: mirrorfs faster; for times and latencies the inverse of the time "
-                  "ratio), taken within each repetition, median (min-max) over repetitions. The "
-                  "reference for the first ratio is the disk for local workloads and plain boto3 "
-                  "for remote ones.", ""]
-        head = ["workload", "unit", *cols, "mirrorfs / reference", "mirrorfs / rclone", "goal"]
+                  "(> 1: mirrorfs faster; for times, latencies and CPU seconds the inverse of "
+                  "the time ratio), taken within each repetition, median (min-max) over "
+                  "repetitions. The reference for the first ratio is the disk for local "
+                  "workloads, plain boto3 for remote ones and the ceiling for CPU rows. "
+                  "`ceiling`: bench/ceiling.py, a pyfuse3 + trio passthrough over the same disk "
+                  "(writeback cache, no xattr handler, entry/attr timeouts 300 s, inline I/O). "
+                  f"`mirrorfs-quiet`: mirrorfs with upload_delay {QUIET_DELAY:g} s (uploads "
+                  f"quiet); `mirrorfs`: upload_delay {UPLOAD_DELAY:g} s (uploads running).", ""]
+        pairs = [(a, b) for a, b in (("mirrorfs", "ceiling"), ("mirrorfs-quiet", "ceiling"),
+                                     ("mirrorfs", "rclone")) if a in cols and b in cols]
+        head = ["workload", "unit", *cols, "mirrorfs / reference",
+                *[f"{a} / {b}" for a, b in pairs], "goal"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in ms:
             row = [m.title + (f" <br>*{m.note}*" if m.note else ""), m.unit]
@@ -1265,13 +1469,14 @@ def write_report(res: Results, ms: list[Metric], info: dict[str, str], args: arg
                             sum(1 for (k, sy, _) in res.perturbed if k == m.key and sy == c))
                     for c in cols]
             r1, rs1 = ratio(res, m, "mirrorfs", m.ref)
-            r2, rs2 = ratio(res, m, "mirrorfs", "rclone")
-            row += [fmt_ratio(r1, rs1) + (f" vs {m.ref}" if r1 is not None else ""),
-                    fmt_ratio(r2, rs2)]
-            g = "; ".join(f"{x.label}: " + ("no figure" if r1 is None else
-                                            "met" if r1 >= x.threshold else "not met")
-                          for x in m.goals) if m.goals else ""
-            row.append(g)
+            row.append(fmt_ratio(r1, rs1) + (f" vs {m.ref}" if r1 is not None else ""))
+            row += [fmt_ratio(*ratio(res, m, a, b)) for a, b in pairs]
+            verdicts = []
+            for x in m.goals:
+                rg = goal_ratio(res, m, x)
+                if rg is not None:
+                    verdicts.append(f"{x.label}: {'met' if rg >= x.threshold else 'not met'}")
+            row.append("; ".join(verdicts))
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "## Goals", "", *goal_lines(res, ms)]
     if res.perturbed or notes:
@@ -1385,9 +1590,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 repetition, smaller sizes")
     p.add_argument("--reps", type=int, help="repetitions (default 3; --quick: 1)")
-    p.add_argument("--systems", default="disk,mirrorfs,rclone",
-                   help="comma-separated subset of disk,mirrorfs,rclone (boto3, the remote "
-                        "reference, runs whenever mirrorfs or rclone does)")
+    p.add_argument("--systems", default=",".join(CHOOSABLE),
+                   help="comma-separated subset of " + ",".join(CHOOSABLE) + " (boto3, the "
+                        "remote reference, runs whenever mirrorfs or rclone does)")
     names = [w.name for w in WORKLOADS] + ["scaling"]
     p.add_argument("--workloads", default=",".join(names),
                    help="comma-separated subset of " + ",".join(names) + " (scaling alone "
@@ -1400,9 +1605,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="sample the mirrorfs daemon with py-spy during its steps (perturbs the "
                         "figures; summaries go to the report)")
+    p.add_argument("--small-files", type=int, metavar="N",
+                   help="files in the small-file unit (default 10,000; --quick: 2,000)")
+    p.add_argument("--tar-packages", default=",".join(TAR_PACKAGES), metavar="PKG,...",
+                   help="installed packages whose sources make the real client's tarball "
+                        "(default: %(default)s)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     a = p.parse_args()
     a.sizes = QUICK if a.quick else FULL
+    if a.small_files:
+        a.sizes = dataclasses.replace(a.sizes, small_files=a.small_files)
+    a.tar_packages = tuple(x.strip() for x in a.tar_packages.split(",") if x.strip())
     a.reps = a.reps or (1 if a.quick else 3)
     if a.scaling:
         a.workloads = "scaling"
@@ -1447,7 +1660,7 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("bench: needs root (loop mount, drop_caches, FUSE)")
     chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(chosen) - {"disk", "mirrorfs", "rclone"}
+    unknown = set(chosen) - set(CHOOSABLE)
     if unknown:
         sys.exit(f"bench: unknown systems {', '.join(sorted(unknown))}")
     wanted_workloads = args.wanted_workloads
@@ -1457,7 +1670,6 @@ def main() -> int:
         ensure_tools()
     WORK.mkdir(exist_ok=True)
     clean_stale()
-    ms = metrics(args.sizes)
     res = Results(args.reps)
     notes: list[str] = []
     t_start = time.monotonic()
@@ -1470,9 +1682,22 @@ def main() -> int:
         moto = Moto()
         stack.callback(moto.stop)
         moto.start()
+        tarball, tar_files = None, 0
+        if "realclient" in wanted_workloads and chosen:
+            tarball = WORK / "realclient-src.tar.gz"
+            tarball.unlink(missing_ok=True)
+            tar_files = make_tarball(tarball, args.tar_packages)
+            stack.callback(tarball.unlink, missing_ok=True)
+            log(f"real client: {tarball.name}, {tar_files:,} files of "
+                f"{', '.join(args.tar_packages)}")
+        ms = metrics(args.sizes, tar_files, args.tar_packages)
         systems: dict[str, System] = {}
         if "disk" in chosen:
             systems["disk"] = Disk(root)
+        if "ceiling" in chosen:
+            systems["ceiling"] = Ceiling(root)
+        if "mirrorfs-quiet" in chosen:
+            systems["mirrorfs-quiet"] = Mirrorfs(root, moto, "mirrorfs-quiet", QUIET_DELAY)
         if "mirrorfs" in chosen:
             systems["mirrorfs"] = Mirrorfs(root, moto)
         if "rclone" in chosen:
@@ -1498,7 +1723,7 @@ def main() -> int:
                          "no_head = true; its remote-only file: rclone restarted on an "
                          "emptied cache dir.")
         ctx = Ctx(args.sizes, res, moto, systems, profile=args.profile, root=root,
-                  scale=args.scale)
+                  scale=args.scale, tarball=tarball, tar_files=tar_files)
         if args.profile:
             notes.insert(0, "**Profiled run** (py-spy sampling the mirrorfs daemon at 250 Hz): "
                             "mirrorfs figures are perturbed.")
@@ -1521,10 +1746,11 @@ def main() -> int:
                 hwm = rss_peak(s.daemon_pid)
                 if hwm:
                     notes.append(f"{s.name} daemon peak RSS (VmHWM): {hwm}.")
-        if isinstance(mf, Mirrorfs):
-            warns = mf.warnings()
-            notes.append(f"mirrorfs log: {len(warns)} WARNING/ERROR lines"
-                         + (f", first: `{warns[0][:200]}`" if warns else "") + ".")
+        for m in systems.values():
+            if isinstance(m, Mirrorfs):
+                warns = m.warnings()
+                notes.append(f"{m.name} log: {len(warns)} WARNING/ERROR lines"
+                             + (f", first: `{warns[0][:200]}`" if warns else "") + ".")
         if not args.only_scaling:
             notes.append("Sequential and random figures come from fio (psync, invalidate=0, "
                          "fallocate=none; write MB/s over the job runtime, which includes "
