@@ -504,17 +504,27 @@ class Operations(pyfuse3.Operations):
         # start_id is "how many entries of the listing were returned". The listing is taken
         # at the start (offset 0: opendir or rewinddir) and kept with the handle, so removing
         # entries while reading (rm -r) does not shift the rest: every entry present
-        # throughout is returned exactly once, as POSIX asks.
+        # throughout is returned exactly once, as POSIX asks. It starts with "." and ".."
+        # (tools such as find -noleaf and pjdfstest count on them; root's ".." is root).
         d = self.open_dirs.get(fh)
         if d is None:
             raise FUSEError(errno.EBADF)
         inode, entries = d
         if start_id == 0:
-            entries = self.reg.list_dir(inode)
+            parent = self._node(inode).parent if inode != ROOT_INO else ROOT_INO
+            entries = [(b".", inode), (b"..", parent)]
+            entries += self.reg.list_dir(inode)
             self.open_dirs[fh] = (inode, entries)
         with self.reg.db.begin() as txn:  # one read transaction for the whole reply
             for i in range(start_id, len(entries)):
-                name, _ino = entries[i]
+                name, ino = entries[i]
+                if i < 2:  # "." and "..": the kernel makes no dentry of them
+                    dot = self.reg.get_txn(txn, ino)
+                    if dot is None:
+                        continue
+                    if not pyfuse3.readdir_reply(token, name, self._attrs(dot), i + 1):
+                        break
+                    continue
                 node = self.reg.lookup_txn(txn, inode, name)
                 if node is None:
                     continue  # removed since the listing was taken

@@ -302,6 +302,55 @@ def test_mkdir_rmdir(mnt: Mount) -> None:
     expect_errno(errno.ENOENT, os.rmdir, d)
 
 
+class _Dirent(ctypes.Structure):
+    # glibc's struct dirent on Linux with 64-bit ino_t/off_t
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def raw_readdir(path: Path) -> list[tuple[bytes, int]]:
+    """(name, d_ino) of every entry readdir(3) returns, "." and ".." included (os.listdir
+    and os.scandir drop those)."""
+    _libc.opendir.restype = ctypes.c_void_p
+    _libc.opendir.argtypes = [ctypes.c_char_p]
+    _libc.readdir.restype = ctypes.POINTER(_Dirent)
+    _libc.readdir.argtypes = [ctypes.c_void_p]
+    _libc.closedir.argtypes = [ctypes.c_void_p]
+    d = _libc.opendir(os.fsencode(path))
+    if not d:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    out = []
+    try:
+        while True:
+            ent = _libc.readdir(d)
+            if not ent:
+                break
+            out.append((ent.contents.d_name, ent.contents.d_ino))
+    finally:
+        _libc.closedir(d)
+    return out
+
+
+def test_readdir_dot_and_dotdot(mnt: Mount) -> None:
+    """readdir returns "." and ".." first, with the directory's and its parent's inode
+    numbers; the root's ".." is the root itself."""
+    m = mnt.path
+    os.makedirs(m / "a" / "b")
+    write_file(m / "a" / "f", b"x")
+    root, a, b = (os.stat(p).st_ino for p in (m, m / "a", m / "a" / "b"))
+    got = raw_readdir(m / "a")
+    assert got[:2] == [(b".", a), (b"..", root)]
+    assert sorted(got[2:]) == sorted([(b"b", b), (b"f", os.stat(m / "a" / "f").st_ino)])
+    assert raw_readdir(m / "a" / "b") == [(b".", b), (b"..", a)]
+    assert raw_readdir(m)[:2] == [(b".", root), (b"..", root)]
+    assert root == 1
+    # still right after the directory moved to another parent
+    os.rename(m / "a" / "b", m / "b2")
+    assert raw_readdir(m / "b2") == [(b".", b), (b"..", root)]
+
+
 def test_readdir_large_and_changing(mnt: Mount) -> None:
     """Every entry is listed exactly once, also while entries are removed during the listing
     (shutil.rmtree unlinks as it reads, as rm -r does on big directories)."""
