@@ -267,8 +267,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        # Mirrors key objects by path; an inode has exactly one path (see registry).
-        raise FUSEError(errno.EPERM)
+        self._check_writable()
+        node = self.reg.link(inode, new_parent_inode, new_name)
+        self.on_commit(node)  # wakes the uploader: the new path is a change to upload
+        return self._attrs(node)
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

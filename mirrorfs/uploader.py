@@ -252,7 +252,8 @@ class Uploader:
     async def _run_job(self, m: MirrorState, ino: int, seq: int) -> None:
         idx = m.rule.index
         node = self.reg.get(ino)
-        lease = lease_for(node.size if node else 0)
+        # (a file with hard links may need an upload per path)
+        lease = lease_for(node.size if node else 0) * max(1, node.nlink if node else 1)
         try:
             with trio.fail_after(lease):
                 await self._reconcile(m, ino)
@@ -315,53 +316,103 @@ class Uploader:
     def _owner(self, txn: lmdb.Transaction, m: MirrorState, path: bytes) -> int | None:
         return self.reg.rpath_owner(txn, m.rule.index, path)
 
-    def _wanted_path(self, txn: lmdb.Transaction, m: MirrorState,
-                     node: Inode | None) -> bytes | None:
+    def _wanted_paths(self, txn: lmdb.Transaction, m: MirrorState,
+                      node: Inode | None) -> list[bytes]:
+        """The keys the mirror should hold for ``node``: one per path (hard link) it wants."""
         if node is None or node.flags & F_ORPHAN or not stat.S_ISREG(node.mode):
-            return None
-        path = self.reg.path_txn(txn, node)
-        return path if m.rule.wants(path) else None
+            return []
+        return [p for p in self.reg.paths_txn(txn, node) if m.rule.wants(p)]
 
     async def _reconcile(self, m: MirrorState, ino: int) -> None:
+        """Bring the mirror's set of keys for ``ino`` in line with the inode's paths: each
+        wanted key gets the current content (rename, server-side copy or upload), then the
+        keys no longer wanted are deleted -- new objects before old ones go, so a crash in
+        between leaves an extra object (still recorded, deleted by the next run), never a
+        missing one."""
         with self.reg.db.begin() as txn:
             node = self.reg.get_txn(txn, ino)
-            rc = self.reg.remote_copy(txn, m.rule.index, ino)
-            want = self._wanted_path(txn, m, node)
-            owner = self._owner(txn, m, want) if want is not None else None
-        if want is None:
-            if rc is not None:
+            copies = self.reg.remote_copies(txn, m.rule.index, ino)
+            wanted = self._wanted_paths(txn, m, node)
+        if not wanted:
+            if copies:
                 if node is not None and node.local != LOCAL_FULL and self.reg.is_open(ino):
                     # Unlinked while a reader streams it: the object is its only copy.
                     raise Defer("remote-only file still open for reading", 1.0)
-                self._take_keys(m, ino, rc.path)
-                await self._delete(m, ino, rc)
+                for rc in copies:
+                    self._take_keys(m, ino, rc.path)
+                    await self._delete(m, ino, rc)
             return
         assert node is not None
-        m.remote.check_key(remote_key(want))
+        for want in wanted:
+            m.remote.check_key(remote_key(want))
+        for want in wanted:
+            await self._reconcile_key(m, node, want, wanted)
+        with self.reg.db.begin() as txn:
+            unwanted = [rc for rc in self.reg.remote_copies(txn, m.rule.index, ino)
+                        if rc.path not in wanted]
+        for rc in unwanted:
+            self._take_keys(m, ino, rc.path)
+            await self._delete(m, ino, rc)
+
+    async def _reconcile_key(self, m: MirrorState, node: Inode, want: bytes,
+                             wanted: list[bytes]) -> None:
+        """One wanted key of ``node``: the one step that gives it the current content."""
+        ino = node.ino
+        with self.reg.db.begin() as txn:
+            owner = self._owner(txn, m, want)
+            copies = {rc.path: rc for rc in self.reg.remote_copies(txn, m.rule.index, ino)}
         if owner is not None and owner != ino:
             self._take_keys(m, ino, want)
             self._claim_key(m, ino, want, owner)
-        self._take_keys(m, ino, want, rc.path if rc else None)
-        if rc is not None and rc.ver == node.ver and rc.ver:
-            if rc.path != want:
-                try:
-                    await m.remote.rename(remote_key(rc.path), remote_key(want), size=rc.size)
-                except NotFound:
-                    # A crash after the mirror renamed and before the move was recorded:
-                    # the old key is gone. Adopt the object at the new key if it is ours
-                    # (read back and hashed), else upload again if we can.
-                    if not await self._holds_copy(m, want, rc):
-                        if node.local != LOCAL_FULL:
-                            raise
-                        await self._upload(m, node, want, None)
-                        return
-                self._record_move(m, ino, rc, want)
-            if rc.mode != node.mode or rc.mtime_ns != node.mtime_ns:
-                await m.remote.update_meta(remote_key(want), ObjectMeta(
-                    node.size, rc.hash.hex(), node.mtime_ns, node.mode & 0o7777))
-                self._record_meta(m, ino, node)
+        self._take_keys(m, ino, want)
+        rc = copies.get(want)
+        current = [c for c in copies.values() if c.ver and c.ver == node.ver]
+        if rc is not None and rc in current:
+            await self._update_meta(m, node, rc)
             return
+        # The current content at a key no longer wanted (the path was renamed): move it.
+        moved = next((c for c in current if c.path not in wanted), None)
+        if moved is not None:
+            self._take_keys(m, ino, moved.path)
+            try:
+                await m.remote.rename(remote_key(moved.path), remote_key(want), size=moved.size)
+            except NotFound:
+                # A crash after the mirror renamed and before the move was recorded:
+                # the old key is gone. Adopt the object at the new key if it is ours
+                # (read back and hashed), else upload again if we can.
+                if not await self._holds_copy(m, want, moved):
+                    if node.local != LOCAL_FULL:
+                        raise
+                    await self._upload(m, node, want, rc)
+                    return
+            self._record_move(m, ino, moved, want)
+            await self._update_meta(m, node, moved)
+            return
+        # Another path of the same inode (a hard link) is there: copy it on the server.
+        source = next((c for c in current if c.path != want), None)
+        if source is not None and m.remote.server_copy:
+            self._take_keys(m, ino, source.path)
+            try:
+                await m.remote.copy(remote_key(source.path), remote_key(want), size=source.size)
+            except NotFound:
+                pass  # the source went meanwhile: upload instead
+            else:
+                self._record_copy(m, ino, source, want, rc)
+                await self._update_meta(m, node, source)
+                return
         await self._upload(m, node, want, rc)
+
+    async def _update_meta(self, m: MirrorState, node: Inode, rc: RemoteCopy) -> None:
+        """chmod/utime since the upload: the object's metadata, not its content."""
+        if rc.mode == node.mode and rc.mtime_ns == node.mtime_ns:
+            return
+        with self.reg.db.begin() as txn:
+            cur = self.reg.remote_copies(txn, m.rule.index, node.ino)
+        for c in cur:
+            if c.ver == rc.ver and (c.mode != node.mode or c.mtime_ns != node.mtime_ns):
+                await m.remote.update_meta(remote_key(c.path), ObjectMeta(
+                    node.size, c.hash.hex(), node.mtime_ns, node.mode & 0o7777))
+                self._record_meta(m, node.ino, node, c.path)
 
     async def _holds_copy(self, m: MirrorState, path: bytes, rc: RemoteCopy) -> bool:
         """Whether the object at ``path`` has exactly the content ``rc`` records."""
@@ -383,20 +434,24 @@ class Uploader:
         idx = m.rule.index
         with self.reg.db.begin(write=True) as txn:
             other = self.reg.get_txn(txn, owner)
-            other_want = self._wanted_path(txn, m, other)
-            if other is not None and other_want == path:
+            other_want = self._wanted_paths(txn, m, other)
+            if other is not None and path in other_want:
                 raise Defer(f"key {path!r} still belongs to inode {owner}", 1.0)
             if (other is not None and other.local != LOCAL_FULL
                     and self.reg.is_open(owner)):
                 raise Defer(f"key {path!r} holds inode {owner}, still open for reading", 1.0)
-            recoverable = (other is None or other.flags & F_ORPHAN or other_want is None
-                           or other.local == LOCAL_FULL)
+            # (or its content is on this mirror at another key it wants: a hard link)
+            elsewhere = other is not None and any(
+                c.ver == other.ver and c.path in other_want
+                for c in self.reg.remote_copies(txn, idx, owner))
+            recoverable = (other is None or other.flags & F_ORPHAN or not other_want
+                           or other.local == LOCAL_FULL or elsewhere)
             if not recoverable:
                 # The other inode's only copy here is this object: let it move away first.
                 self.reg.journal.touch(txn, idx, owner, self.clock())
                 raise Defer(f"key {path!r} holds inode {owner}, which must move first", 0.5)
             self.reg.drop_remote(txn, m.rule.index, owner, path)
-            if other is not None and other_want is not None:
+            if other is not None and other_want:
                 self.reg.journal.touch(txn, idx, owner, self.clock())
         m.wake.set()
 
@@ -413,17 +468,35 @@ class Uploader:
         with self.reg.db.begin(write=True) as txn:
             self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
                 new_path, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
+            self.reg.drop_remote(txn, m.rule.index, ino, rc.path)
             bump_counter(txn, self.reg.counters, b"m%d.renames" % m.rule.index, 1)
             self._emit(txn, m, "rename", new_path, **{"from": os.fsdecode(rc.path)},
                        hash=rc.hash.hex(), size=rc.size, mtime=rc.mtime_ns,
                        mode=rc.mode & 0o7777)
 
-    def _record_meta(self, m: MirrorState, ino: int, node: Inode) -> None:
+    def _record_copy(self, m: MirrorState, ino: int, src: RemoteCopy, path: bytes,
+                     old: RemoteCopy | None) -> None:
+        """A server-side copy of another path of the inode landed at ``path``."""
         with self.reg.db.begin(write=True) as txn:
-            rc = self.reg.remote_copy(txn, m.rule.index, ino)
+            self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
+                path, src.ver, src.hash, src.size, src.mode, src.mtime_ns))
+            bump_counter(txn, self.reg.counters, b"m%d.server_copies" % m.rule.index, 1)
+            chunks = txn.get(U64.pack(ino), db=self.reg.chunks)
+            node = self.reg.get_txn(txn, ino)
+            prev = old.hash.hex() if old is not None and old.hash.strip(b"\0") else None
+            fields: dict[str, object] = {}
+            if chunks is not None and node is not None and \
+                    U64.unpack(bytes(chunks[:8]))[0] == src.ver:
+                fields["chunks"] = bytes(chunks[8:]).hex()
+            self._emit(txn, m, "put", path, hash=src.hash.hex(), prev=prev, size=src.size,
+                       mtime=src.mtime_ns, mode=src.mode & 0o7777, **fields)
+
+    def _record_meta(self, m: MirrorState, ino: int, node: Inode, path: bytes) -> None:
+        with self.reg.db.begin(write=True) as txn:
+            rc = self.reg.remote_copy(txn, m.rule.index, ino, path)
             if rc is not None:
                 rc.mode, rc.mtime_ns = node.mode, node.mtime_ns
-                txn.put(MQ.pack(m.rule.index, ino), rc.pack(), db=self.reg.remote)
+                self.reg.set_remote(txn, m.rule.index, ino, rc)
                 self._emit(txn, m, "put", rc.path, hash=rc.hash.hex(), prev=rc.hash.hex(),
                            size=rc.size, mtime=rc.mtime_ns, mode=rc.mode & 0o7777)
 
@@ -484,14 +557,6 @@ class Uploader:
                                           and old.hash.strip(b"\0")) else None
                 self._emit(txn, m, "put", path, hash=whole, prev=prev, size=size,
                            mtime=node.mtime_ns, mode=node.mode & 0o7777, chunks=chunks.hex())
-        # The old key is no longer recorded anywhere: delete it now, also when the file
-        # changed during the upload (the next run only knows the new key).
-        if old is not None and old.path != path:
-            with self.reg.db.begin() as txn:
-                owner = self._owner(txn, m, old.path)
-            if owner is None and m.rule.delete_policy != "never":
-                await m.remote.delete(remote_key(old.path))
-                with self.reg.db.begin(write=True) as txn:
-                    self._emit(txn, m, "delete", old.path, hash=old.hash.hex())
+        # A key this replaces (the path moved) stays recorded until _reconcile deletes it.
         if changed:
             raise Defer("file changed during upload; uploading again", 0.5)

@@ -2,7 +2,7 @@
 
 Every test uses ordinary file calls from this process (or a forked child running as another
 user) on the mount path; the daemon serving the mount runs in a subprocess (see mountutil).
-Documented choices shown here: hard links are refused with EPERM (mirrors key objects by path),
+Documented choices shown here: hard links of directories are refused with EPERM,
 RENAME_EXCHANGE is refused with EINVAL, and extended attributes are off unless ``xattrs = true``
 (the kernel then answers ENOTSUP for the whole mount).
 """
@@ -543,15 +543,99 @@ def test_symlink_readlink(mnt: Mount) -> None:
     assert sorted(os.listdir(m)) == ["dangling", "target"]
 
 
-def test_hard_links_refused(mnt: Mount) -> None:
-    """Documented choice: mirrors key objects by path, so an inode has one name (EPERM)."""
-    write_file(mnt.path / "f", b"x")
-    expect_errno(errno.EPERM, os.link, mnt.path / "f", mnt.path / "g")
-    assert os.listdir(mnt.path) == ["f"]
-    assert os.stat(mnt.path / "f").st_nlink == 1
+def test_hard_links(mnt: Mount) -> None:
+    """One inode, several names: st_nlink counts them, a write through one shows through
+    all, unlinking or renaming one name leaves the others, across a remount too."""
+    m = mnt.path
+    os.mkdir(m / "d")
+    write_file(m / "f", b"shared")
+    os.link(m / "f", m / "g")
+    os.link(m / "g", m / "d" / "h")  # into another directory, from a link
+    st = os.stat(m / "f")
+    assert st.st_nlink == 3
+    assert {os.stat(p).st_ino for p in (m / "f", m / "g", m / "d" / "h")} == {st.st_ino}
+    assert os.stat(m / "d" / "h").st_nlink == 3
+    with open(m / "g", "r+b") as f:
+        f.write(b"SH")
+    assert (m / "f").read_bytes() == (m / "d" / "h").read_bytes() == b"SHared"
+    os.chmod(m / "d" / "h", 0o600)
+    assert stat.S_IMODE(os.stat(m / "f").st_mode) == 0o600
+    # errors: an existing name, a directory, a missing source
+    expect_errno(errno.EEXIST, os.link, m / "f", m / "g")
+    expect_errno(errno.EPERM, os.link, m / "d", m / "d2")
+    expect_errno(errno.ENOENT, os.link, m / "missing", m / "x")
+    # unlink of one name keeps the others
+    os.unlink(m / "f")
+    assert not (m / "f").exists()
+    assert os.stat(m / "g").st_nlink == 2
+    assert (m / "g").read_bytes() == b"SHared"
+    # rename of a name onto another name of the same inode does nothing (POSIX)
+    os.rename(m / "g", m / "d" / "h")
+    assert (m / "g").exists() and os.stat(m / "g").st_nlink == 2
+    # rename of a link to a new name moves that name only
+    os.rename(m / "d" / "h", m / "h2")
+    assert sorted(os.listdir(m / "d")) == []
+    assert os.stat(m / "h2").st_ino == st.st_ino and os.stat(m / "g").st_nlink == 2
+    # another file renamed over a link: the inode loses that name, keeps the other
+    write_file(m / "other", b"other")
+    os.rename(m / "other", m / "g")
+    assert (m / "g").read_bytes() == b"other" and os.stat(m / "g").st_nlink == 1
+    assert os.stat(m / "h2").st_nlink == 1 and (m / "h2").read_bytes() == b"SHared"
+    # link again, then everything survives a remount
+    os.link(m / "h2", m / "d" / "again")
+    remount(mnt)
+    assert os.stat(m / "h2").st_nlink == 2
+    assert os.stat(m / "d" / "again").st_ino == os.stat(m / "h2").st_ino
+    assert (m / "d" / "again").read_bytes() == b"SHared"
+    os.unlink(m / "h2")
+    os.unlink(m / "d" / "again")
+    assert sorted(os.listdir(m)) == ["d", "g"]
+    ino = st.st_ino
+    mnt.wait_for(lambda: not content_path(mnt, ino).exists(), timeout=5)
 
 
-# ----------------------------------------------------------------------------- metadata
+def test_hard_link_of_an_open_file(mnt: Mount) -> None:
+    """A file open for writing (not yet closed) gets a second name; what is written after
+    the link is there under both names; unlinking both leaves the open handle reading."""
+    m = mnt.path
+    fd = os.open(m / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"before ")
+        os.link(m / "f", m / "g")
+        os.write(fd, b"after")
+        assert os.fstat(fd).st_nlink == 2
+    finally:
+        os.close(fd)
+    assert (m / "g").read_bytes() == b"before after"
+    fd = os.open(m / "g", os.O_RDONLY)
+    try:
+        os.unlink(m / "f")
+        os.unlink(m / "g")
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 6, 0) == b"before"
+    finally:
+        os.close(fd)
+
+
+def test_cp_a_keeps_hard_links(mnt: Mount, tmp_path: Path) -> None:
+    """cp -a of a tree with hard links (it exited 1 when link() was refused), both into the
+    mount and from it: the copies are linked the same way."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"a" * 1000)
+    os.link(src / "a", src / "sub" / "a-link")
+    os.link(src / "a", src / "b")
+    (src / "single").write_bytes(b"single")
+    subprocess.run(["cp", "-a", str(src), str(mnt.path / "copy")], check=True)
+    c = mnt.path / "copy"
+    assert os.stat(c / "a").st_nlink == 3 and os.stat(c / "single").st_nlink == 1
+    assert os.stat(c / "a").st_ino == os.stat(c / "b").st_ino == \
+        os.stat(c / "sub" / "a-link").st_ino
+    assert (c / "sub" / "a-link").read_bytes() == b"a" * 1000
+    back = tmp_path / "back"
+    subprocess.run(["cp", "-a", str(c), str(back)], check=True)
+    assert os.stat(back / "b").st_ino == os.stat(back / "sub" / "a-link").st_ino
+    assert os.stat(back / "a").st_nlink == 3
 
 
 def test_chmod_chown_utimens(mnt: Mount) -> None:

@@ -13,7 +13,14 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
 ``mirrors``   mirror name (utf-8) -> >H mirror index (stable across restarts and config edits).
 ``jobs``      >H mirror + >Q ino -> :class:`Job`: this mirror must be reconciled with this inode.
 ``queue``     >H mirror + >d due (wall clock) + >Q ino -> b"": jobs not claimed, by due time.
-``remote``    >H mirror + >Q ino -> :class:`RemoteCopy`: what the mirror holds for the inode.
+``links``     >Q ino + >Q parent + name bytes -> b"": every name of an inode that has more than
+              one (hard links, nlink > 1). An inode with one name has no entry here: its name
+              is ``Inode.parent``/``Inode.name``, which for a linked inode is one of these
+              (its *primary* name, used where one path is enough: logs, URLs).
+``remote``    >H mirror + >Q ino + path bytes -> :class:`RemoteCopy`: an object the mirror
+              holds for the inode, one per key (a file with hard links has one per path the
+              mirror wants). Records written before hard links existed are keyed by
+              >H mirror + >Q ino alone; the path is in every value, so both read the same.
 ``rpath``     >H mirror + path bytes -> >Q ino: which inode owns the object at that path.
 ``counters``  name bytes -> >q, kept up to date in the same transaction as each change.
 ``cursors``   mirror identity -> bytes: pull/import cursors.
@@ -153,7 +160,7 @@ class Database:
     """
 
     NAMES = ("meta", "inodes", "dentries", "xattrs", "chunks", "mirrors", "jobs", "queue",
-             "remote", "rpath", "counters", "cursors", "conflicts", "outbox")
+             "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "links")
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = 1 << 36) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
