@@ -111,3 +111,40 @@ def test_sigkill_between_link_and_upload(make_mount: Any, s3: Any, ftp: Any,
     drain(m)
     assert_mirrors(tmp_path, s3, ftp, {"g": data, "d/h": data})
     assert (p / "d" / "h").read_bytes() == data
+
+
+def test_second_node_sees_each_path_as_a_file(make_mount: Any, s3: Any) -> None:
+    """The change log has no links: another node gets one file per path. A write through
+    one name on A changes every path there, so B gets all of them; a link made on B is B's
+    business, and a change A makes to one of its paths splits that path off on B."""
+    from tests.test_multinode import node, read_or_none
+
+    a = node(make_mount, s3, "A")
+    b = node(make_mount, s3, "B")
+    v1, v2, v3 = os.urandom(50_000), os.urandom(60_000), os.urandom(70_000)
+    (a.path / "f").write_bytes(v1)
+    os.link(a.path / "f", a.path / "g")
+    b.wait_for(lambda: read_or_none(b.path / "f") == v1 and read_or_none(b.path / "g") == v1,
+               timeout=30)
+    fb, gb = os.stat(b.path / "f"), os.stat(b.path / "g")
+    assert fb.st_ino != gb.st_ino and fb.st_nlink == gb.st_nlink == 1
+    (a.path / "g").write_bytes(v2)  # one inode on A: both paths change
+    b.wait_for(lambda: read_or_none(b.path / "f") == v2 and read_or_none(b.path / "g") == v2,
+               timeout=30)
+    os.link(b.path / "f", b.path / "h")  # B links f; A sees a new file h
+    a.wait_for(lambda: read_or_none(a.path / "h") == v2, timeout=30)
+    assert os.stat(a.path / "h").st_nlink == 1
+    drain(b)
+    (a.path / "f").write_bytes(v3)
+    b.wait_for(lambda: read_or_none(b.path / "f") == v3 and read_or_none(b.path / "g") == v3,
+               timeout=30)
+    # on B, f took A's version alone: its other name h keeps its own content, as on A
+    assert read_or_none(b.path / "h") == v2 and os.stat(b.path / "h").st_nlink == 1
+    assert os.stat(b.path / "f").st_ino != os.stat(b.path / "h").st_ino
+    (a.path / "g").unlink()
+    b.wait_for(lambda: not (b.path / "g").exists(), timeout=30)
+    drain(a)
+    drain(b)
+    objs = s3_objects(s3)
+    assert {k: v for k, v in objs.items() if not k.startswith(".mirrorfs/")} == \
+        {"f": v3, "h": v2}

@@ -638,6 +638,40 @@ def test_cp_a_keeps_hard_links(mnt: Mount, tmp_path: Path) -> None:
     assert os.stat(back / "a").st_nlink == 3
 
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def test_fallocate_modes_are_refused_posix_fallocate_works(make_mount: MountFactory,
+                                                           tmp_path: Path) -> None:
+    """pyfuse3 registers no fallocate handler (docs/ARCHITECTURE.md): the kernel answers
+    EOPNOTSUPP to fallocate(2) in every mode. posix_fallocate(3) falls back to writes in
+    glibc: the file grows with zeros, and that change is uploaded like a write."""
+    from tests.test_mirrors import drain, tree
+
+    (tmp_path / "dm").mkdir()
+    m = make_mount({"dir": {"type": "dir", "path": str(tmp_path / "dm")}}, upload_delay=0)
+    p = m.path / "f"
+    write_file(p, b"head")
+    fn = _libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fd = os.open(p, os.O_RDWR)
+    try:
+        for mode in (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     FALLOC_FL_ZERO_RANGE):
+            assert fn(fd, mode, 0, 65536) == -1
+            assert ctypes.get_errno() == errno.EOPNOTSUPP, (mode, ctypes.get_errno())
+        os.posix_fallocate(fd, 0, 100_000)
+    finally:
+        os.close(fd)
+    st = os.stat(p)
+    assert st.st_size == 100_000 and st.st_blocks * 512 >= 100_000
+    assert p.read_bytes() == b"head" + bytes(100_000 - 4)
+    drain(m)
+    assert tree(tmp_path / "dm") == {"f": b"head" + bytes(100_000 - 4)}
+
+
 def test_chmod_chown_utimens(mnt: Mount) -> None:
     p = mnt.path / "f"
     write_file(p, b"x")

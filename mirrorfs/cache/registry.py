@@ -532,20 +532,25 @@ class Registry:
 
     def unlink(self, parent: int, name: bytes, want_dir: bool) -> tuple[Inode, bool]:
         """unlink(2)/rmdir(2). Returns the inode and whether its content file may go now."""
-        now = now_ns()
         with self.db.begin(write=True) as txn:
-            d = self._dir_for_change(txn, parent)
-            node = self.lookup_txn(txn, parent, name)
-            if node is None:
-                raise FsError(errno.ENOENT)
-            is_dir = stat.S_ISDIR(node.mode)
-            if want_dir and not is_dir:
-                raise FsError(errno.ENOTDIR)
-            if not want_dir and is_dir:
-                raise FsError(errno.EISDIR)
-            if is_dir and next(self.children_txn(txn, node.ino), None) is not None:
-                raise FsError(errno.ENOTEMPTY)
-            gone = self._unlink_txn(txn, d, name, node, now)
+            return self.unlink_txn(txn, parent, name, want_dir)
+
+    def unlink_txn(self, txn: lmdb.Transaction, parent: int, name: bytes,
+                   want_dir: bool = False) -> tuple[Inode, bool]:
+        """:meth:`unlink` inside the caller's transaction."""
+        now = now_ns()
+        d = self._dir_for_change(txn, parent)
+        node = self.lookup_txn(txn, parent, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        is_dir = stat.S_ISDIR(node.mode)
+        if want_dir and not is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not want_dir and is_dir:
+            raise FsError(errno.EISDIR)
+        if is_dir and next(self.children_txn(txn, node.ino), None) is not None:
+            raise FsError(errno.ENOTEMPTY)
+        gone = self._unlink_txn(txn, d, name, node, now)
         return node, gone
 
     def supersede(self, txn: lmdb.Transaction, old: Inode) -> Inode | None:
