@@ -253,6 +253,12 @@ def a_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `verify` findings that make its exit status 1 (foreign objects are someone else's
+#: business, not a fault)
+VERIFY_PROBLEMS = ("corrupt", "remote_missing", "remote_bad", "remote_stray",
+                   "remote_unreachable")
+
+
 def simple(cmd: str, **fields: str) -> Any:
     def fn(args: argparse.Namespace) -> int:
         req = {k: getattr(args, v) for k, v in fields.items()}
@@ -260,6 +266,9 @@ def simple(cmd: str, **fields: str) -> Any:
         emit(args, result, None if args.json else " ".join(
             f"{k}: {v}" for k, v in result.items()) if isinstance(result, dict) else None)
         if cmd == "drain" and isinstance(result, dict) and not result.get("drained"):
+            return 1
+        if cmd == "verify" and isinstance(result, dict) and any(
+                result.get(k) for k in VERIFY_PROBLEMS):
             return 1
         return 0
 
@@ -336,9 +345,12 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--force", action="store_true", help="also unpin")
     cmd("pin", simple("pin", paths="paths"), "keep files on local disk", paths=True)
     cmd("unpin", simple("unpin", paths="paths"), "allow eviction again", paths=True)
-    p = cmd("drain", simple("drain", timeout="timeout"),
-            "upload everything now and wait until every mirror holds it")
+    p = cmd("drain", simple("drain", timeout="timeout", deletes="deletes"),
+            "upload everything now and wait until every mirror holds it (deletes held by "
+            "delete_policy = \"delayed\" are reported, not carried out)")
     p.add_argument("--timeout", type=float)
+    p.add_argument("--deletes", action="store_true",
+                   help="also carry out deletes held by delete_policy = \"delayed\" now")
     p = cmd("move", simple("move", direction="direction", paths="paths"),
             "move files to the mirrors (evict) or to local disk (download and pin)",
             paths=True)

@@ -4,16 +4,18 @@ Owns the per-mirror runtime state (up/down, paused, jobs in flight, busy paths).
 scheduler task per mirror takes due jobs from the journal and runs each in a task of its own,
 at most ``concurrency`` at a time; a mirror that is down or paused only stops its own queue.
 
-A job is a reconciliation, not a recorded operation: it reads what the inode is now and what
-the mirror holds (``remote`` db) and performs the one step that closes the gap:
+A job is a reconciliation, not a recorded operation: it reads what the inode is now (the
+set of its paths the mirror wants: one, or one per hard link) and what the mirror holds
+(``remote`` db: a set of keys) and performs, per wanted key, the one step that closes the
+gap, then deletes the keys no longer wanted:
 
 =========================================  ============================================
-inode now                                  step on the mirror
+inode now (per wanted path)                step on the mirror
 =========================================  ============================================
-gone, unlinked, or no longer wanted here   delete the object (per delete policy)
-same content, other path                   server-side rename
-other content (or nothing there yet)       upload from the cache file, then delete the
-                                           object at the old path if it moved
+gone, unlinked, or no longer wanted here   delete the object(s) (per delete policy)
+same content at a key no longer wanted     server-side rename
+same content at another wanted key (link)  server-side copy where the mirror has one
+other content (or nothing there yet)       upload from the cache file
 same content and path, other mode/mtime    metadata update
 =========================================  ============================================
 
@@ -23,8 +25,14 @@ key on each mirror, and a job takes the keys it touches as *busy* before its fir
 two jobs on one mirror touch one key at once. A job that wants a key owned by another inode
 may overwrite it only if that inode is deleted, unwanted, or still has its content locally
 (it is then re-uploaded under its own path); otherwise it waits for that inode's job to move
-the object away first. Uploads write the new object before deleting the old one, so a crash
-between the two leaves an extra object, never a missing one.
+the object away first. Uploads write the new object before deleting the old one.
+
+Multi-step operations leave no object owned by nothing (``pending`` db, see cache/db.py): an
+upload or server-side copy to a key the inode does not own and a server-side rename are
+recorded before they start; a key the file no longer wants stays recorded (owned) until its
+delete is done. While an
+inode has such a record its job stays, and every run of the job first finishes them
+(:meth:`Uploader._settle_pending`): after a crash, a failed delete or a cut rename.
 
 Concurrency contract: all LMDB access is here, in short synchronous transactions in the trio
 thread; remotes do their blocking work in threads of their own; hashing runs in a thread under
@@ -37,6 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import stat
 import time
 from collections.abc import Callable
@@ -51,6 +60,9 @@ from mirrorfs.cache.db import (
     F_ORPHAN,
     LOCAL_FULL,
     MQ,
+    PEND_DELETE,
+    PEND_RENAME,
+    PEND_UPLOAD,
     U64,
     Inode,
     RemoteCopy,
@@ -77,6 +89,16 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 5.0
 MAX_BACKOFF = 300.0
+
+#: Test-only seam: the daemon SIGKILLs itself when it reaches the named point, so that tests
+#: can put a crash exactly into one window of a multi-step operation (tests/test_proof.py).
+_CRASH_AT = os.environ.get("MIRRORFS_TEST_CRASH_AT", "")
+
+
+def crash_point(name: str) -> None:
+    if _CRASH_AT and _CRASH_AT == name:
+        log.info("test seam: SIGKILL at %s", name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def backoff(attempts: int) -> float:
@@ -126,6 +148,8 @@ class Uploader:
         self.clock = clock
         self.hash_limiter = trio.CapacityLimiter(2)
         self.draining = False
+        #: our mark in the metadata of every object we write (ObjectMeta.writer)
+        self.writer = reg.db.registry_id
         self.on_done: Callable[[int], None] = lambda ino: None
         self._nursery: trio.Nursery | None = None
         if ops is not None:
@@ -333,6 +357,11 @@ class Uploader:
             node = self.reg.get_txn(txn, ino)
             copies = self.reg.remote_copies(txn, m.rule.index, ino)
             wanted = self._wanted_paths(txn, m, node)
+            pending = self.reg.pending_ops(txn, m.rule.index, ino)
+        if pending:
+            await self._settle_pending(m, ino, wanted, pending)
+            with self.reg.db.begin() as txn:
+                copies = self.reg.remote_copies(txn, m.rule.index, ino)
         if not wanted:
             if copies:
                 if node is not None and node.local != LOCAL_FULL and self.reg.is_open(ino):
@@ -350,6 +379,8 @@ class Uploader:
         with self.reg.db.begin() as txn:
             unwanted = [rc for rc in self.reg.remote_copies(txn, m.rule.index, ino)
                         if rc.path not in wanted]
+        if unwanted:
+            crash_point("upload-recorded")
         for rc in unwanted:
             self._take_keys(m, ino, rc.path)
             await self._delete(m, ino, rc)
@@ -374,8 +405,11 @@ class Uploader:
         moved = next((c for c in current if c.path not in wanted), None)
         if moved is not None:
             self._take_keys(m, ino, moved.path)
+            with self.reg.db.begin(write=True) as txn:
+                self.reg.set_pending(txn, m.rule.index, ino, want, PEND_RENAME, moved.hash)
             try:
                 await m.remote.rename(remote_key(moved.path), remote_key(want), size=moved.size)
+                crash_point("rename-done")
             except NotFound:
                 # A crash after the mirror renamed and before the move was recorded:
                 # the old key is gone. Adopt the object at the new key if it is ours
@@ -392,6 +426,9 @@ class Uploader:
         source = next((c for c in current if c.path != want), None)
         if source is not None and m.remote.server_copy:
             self._take_keys(m, ino, source.path)
+            with self.reg.db.begin(write=True) as txn:
+                if self._owner(txn, m, want) != ino:  # not ours yet: as for an upload
+                    self.reg.set_pending(txn, m.rule.index, ino, want, PEND_UPLOAD)
             try:
                 await m.remote.copy(remote_key(source.path), remote_key(want), size=source.size)
             except NotFound:
@@ -411,8 +448,59 @@ class Uploader:
         for c in cur:
             if c.ver == rc.ver and (c.mode != node.mode or c.mtime_ns != node.mtime_ns):
                 await m.remote.update_meta(remote_key(c.path), ObjectMeta(
-                    node.size, c.hash.hex(), node.mtime_ns, node.mode & 0o7777))
+                    node.size, c.hash.hex(), node.mtime_ns, node.mode & 0o7777,
+                    writer=self.writer))
                 self._record_meta(m, node.ino, node, c.path)
+
+    async def _settle_pending(self, m: MirrorState, ino: int, wanted: list[bytes],
+                              pending: list[tuple[bytes, bytes, bytes]]) -> None:
+        """Finish what an earlier run of this job left half done (cut by a crash, a failed
+        delete, a cancelled lease): every ``pending`` record is resolved before the job does
+        anything else, so that each key on the mirror is either owned or deleted."""
+        idx = m.rule.index
+        keys = [key for key, _kind, _h in pending if key not in wanted]
+        self._take_keys(m, ino, *keys)
+        for key, kind, digest in pending:
+            if key in wanted and kind != PEND_DELETE:
+                continue  # this run uploads, copies or renames to it again and records it
+            with self.reg.db.begin() as txn:
+                owner = self._owner(txn, m, key)
+                # a cut rename's source: our copy of that content at another key
+                sources = [c for c in self.reg.remote_copies(txn, idx, ino)
+                           if c.path != key and c.hash == digest]
+            if owner is not None or key in wanted:
+                # owned (by us: it is our recorded copy; by another inode: its object),
+                # or wanted again: nothing of ours to remove
+                with self.reg.db.begin(write=True) as txn:
+                    self.reg.clear_pending(txn, idx, ino, key)
+                continue
+            if kind == PEND_RENAME and sources:
+                if await self._adopt_renamed(m, ino, sources[0], key):
+                    continue
+            if m.rule.delete_policy != "never" or kind == PEND_RENAME:
+                log.info("mirror %s: removing %r left by an unfinished %s", m.rule.name, key,
+                         {PEND_DELETE: "move", PEND_UPLOAD: "upload",
+                          PEND_RENAME: "rename"}.get(kind, "operation"))
+                await m.remote.delete(remote_key(key))
+            with self.reg.db.begin(write=True) as txn:
+                if kind == PEND_DELETE:
+                    bump_counter(txn, self.reg.counters, b"m%d.deletes" % idx, 1)
+                    self._emit(txn, m, "delete", key, hash=digest.hex())
+                self.reg.clear_pending(txn, idx, ino, key)
+
+    async def _adopt_renamed(self, m: MirrorState, ino: int, rc: RemoteCopy,
+                             key: bytes) -> bool:
+        """A rename to ``key`` was cut: if the source is gone and ``key`` holds our object,
+        the mirror finished it; record the move. False: what is at ``key`` is a copy."""
+        try:
+            await m.remote.stat(remote_key(rc.path))
+            return False  # the source is still there
+        except NotFound:
+            pass
+        if not await self._holds_copy(m, key, rc):
+            return False
+        self._record_move(m, ino, rc, key)
+        return True
 
     async def _holds_copy(self, m: MirrorState, path: bytes, rc: RemoteCopy) -> bool:
         """Whether the object at ``path`` has exactly the content ``rc`` records."""
@@ -469,6 +557,7 @@ class Uploader:
             self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
                 new_path, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
             self.reg.drop_remote(txn, m.rule.index, ino, rc.path)
+            self.reg.clear_pending(txn, m.rule.index, ino, new_path)
             bump_counter(txn, self.reg.counters, b"m%d.renames" % m.rule.index, 1)
             self._emit(txn, m, "rename", new_path, **{"from": os.fsdecode(rc.path)},
                        hash=rc.hash.hex(), size=rc.size, mtime=rc.mtime_ns,
@@ -480,6 +569,7 @@ class Uploader:
         with self.reg.db.begin(write=True) as txn:
             self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
                 path, src.ver, src.hash, src.size, src.mode, src.mtime_ns))
+            self.reg.clear_pending(txn, m.rule.index, ino, path)
             bump_counter(txn, self.reg.counters, b"m%d.server_copies" % m.rule.index, 1)
             chunks = txn.get(U64.pack(ino), db=self.reg.chunks)
             node = self.reg.get_txn(txn, ino)
@@ -513,6 +603,8 @@ class Uploader:
 
     async def _upload(self, m: MirrorState, node: Inode, path: bytes,
                       old: RemoteCopy | None) -> None:
+        """Upload the cache file to ``path``; ``old``: what the mirror held at ``path``. A key
+        the file had before (it moved) stays recorded, owned, until _reconcile deletes it."""
         ino = node.ino
         if node.local != LOCAL_FULL:
             # Content only on other mirrors (a mirror added later, or a lost copy): the read
@@ -526,13 +618,18 @@ class Uploader:
             raise Defer("file is being written", 1.0)
         gen = of.write_gen if of is not None else 0
         src = self.store.path(ino)
+        idx = m.rule.index
+        with self.reg.db.begin(write=True) as txn:
+            if self._owner(txn, m, path) != ino:  # not ours yet: say so before writing it
+                self.reg.set_pending(txn, idx, ino, path, PEND_UPLOAD)
         t0 = trio.current_time()
         whole, chunks, size = await trio.to_thread.run_sync(hash_file, src,
                                                            limiter=self.hash_limiter)
         meta = ObjectMeta(size=size, xxhash=whole, mtime_ns=node.mtime_ns,
-                          mode=node.mode & 0o7777)
+                          mode=node.mode & 0o7777, writer=self.writer)
         t1 = trio.current_time()
         res = await m.remote.put(remote_key(path), src, meta)
+        crash_point("put-done")
         log.debug("mirror %s: uploaded %r (%d bytes): hashed in %.2f s, sent in %.2f s",
                   m.rule.name, path, size, t1 - t0, trio.current_time() - t1)
         of = self.ops.open_files.get(ino) if self.ops is not None else None
@@ -544,8 +641,8 @@ class Uploader:
                     and cur.size == size)
             rc = RemoteCopy(path, node.ver if same else 0, bytes.fromhex(res.xxhash),
                             res.size, node.mode, node.mtime_ns)
-            self.reg.set_remote(txn, m.rule.index, ino, rc)
-            idx = m.rule.index
+            self.reg.set_remote(txn, idx, ino, rc)
+            self.reg.clear_pending(txn, idx, ino, path)
             bump_counter(txn, self.reg.counters, b"m%d.uploads" % idx, 1)
             bump_counter(txn, self.reg.counters, b"m%d.upload_bytes" % idx, res.size)
             if same and cur is not None:
@@ -557,6 +654,5 @@ class Uploader:
                                           and old.hash.strip(b"\0")) else None
                 self._emit(txn, m, "put", path, hash=whole, prev=prev, size=size,
                            mtime=node.mtime_ns, mode=node.mode & 0o7777, chunks=chunks.hex())
-        # A key this replaces (the path moved) stays recorded until _reconcile deletes it.
         if changed:
             raise Defer("file changed during upload; uploading again", 0.5)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mirrorfs.admin import COMMANDS, file_state
+from mirrorfs.audit import Auditor
 from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
@@ -145,6 +146,10 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
             sync = Sync(daemon, mcfg, mstate)
             daemon.syncs.append(sync)
             nursery.start_soon(sync.run, name=f"pull:{mcfg.name}")
+    auditor = Auditor(daemon)
+    daemon.auditor = auditor
+    for mstate in states:
+        nursery.start_soon(auditor.run, mstate, name=f"audit:{mstate.rule.name}")
     await nursery.start(serve_control, daemon,
                         {**COMMANDS, "import": cmd_import, "verify": cmd_verify,
                          "pull": cmd_pull, "conflicts": cmd_conflicts})

@@ -4,7 +4,9 @@ Owns the on-disk layout of the registry. Every sentinel value is documented here
 
 Sub-databases (all keys big-endian so that cursor order is numeric order):
 
-``meta``      b"schema" -> version; b"next_ino" -> >Q next inode number (never reused).
+``meta``      b"schema" -> version; b"next_ino" -> >Q next inode number (never reused);
+              b"registry_id" -> 16 hex digits made with the registry, written into the
+              metadata of every object we upload (``ObjectMeta.writer``; audit.py).
 ``inodes``    >Q ino -> :class:`Inode`.
 ``dentries``  >Q parent + name bytes -> >Q child ino.
 ``xattrs``    >Q ino + name bytes -> value bytes.
@@ -27,11 +29,31 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
 ``conflicts`` >d time + >Q ino -> utf-8 JSON line.
 ``outbox``    >H mirror + >Q seq -> utf-8 JSON change record not yet published to the mirror's
               change log (multi-node; see mirrorfs/pull.py).
+``pending``   >H mirror + >Q ino + key bytes -> kind (1 byte) + xxh3_128 (16 bytes): a step of
+              a multi-step remote operation of that inode's job that is not finished yet. It
+              is written in the transaction before the remote step and removed in the
+              transaction after it, so that no object on a mirror is ever owned by nothing.
+              (A key a file moved away from is not one: it stays in ``remote``, owned, until
+              the job deletes it.) While an inode has one, its
+              job is kept (a restart or a retry carries it out; see uploader._settle_pending):
+
+              ``PEND_DELETE`` the object at this key must be deleted, unless another inode
+              owns the key by then. The hash is the old object's. (Not written any more: an
+              old key stays in ``remote``; a record found is still carried out.)
+              ``PEND_UPLOAD`` an upload (or a server-side copy, for a hard link) to this key
+              was started and is not recorded yet: if
+              the inode no longer wants the key when the job runs again, whatever the upload
+              left there is deleted (unless another inode owns the key).
+              ``PEND_RENAME`` a server-side rename to this key was started (S3: copy, then
+              delete the source; FTP: maybe delete the destination, then RNFR/RNTO): if the
+              source (the inode's recorded key) still exists, what is here is a copy and is
+              deleted; if not, the object here is the moved one and is adopted.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 from dataclasses import dataclass, replace
 from typing import Any
@@ -58,6 +80,11 @@ I64 = struct.Struct(">q")
 MQ = struct.Struct(">HQ")  # mirror + ino
 MDQ = struct.Struct(">HdQ")  # mirror + due + ino
 ZERO_HASH = b"\0" * 16
+
+# kinds of ``pending`` records (see the module docstring)
+PEND_DELETE = b"d"
+PEND_UPLOAD = b"u"
+PEND_RENAME = b"r"
 
 
 @dataclass(slots=True)
@@ -160,7 +187,8 @@ class Database:
     """
 
     NAMES = ("meta", "inodes", "dentries", "xattrs", "chunks", "mirrors", "jobs", "queue",
-             "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "links")
+             "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "pending",
+             "links")
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = 1 << 36) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -186,7 +214,15 @@ class Database:
             elif U64.unpack(v)[0] != SCHEMA_VERSION:
                 raise RuntimeError(f"registry schema {U64.unpack(v)[0]} is not supported "
                                    f"(this mirrorfs knows {SCHEMA_VERSION})")
+            if txn.get(b"registry_id", db=self.db["meta"]) is None:
+                txn.put(b"registry_id", secrets.token_hex(8).encode(), db=self.db["meta"])
         self.flush()
+
+    @property
+    def registry_id(self) -> str:
+        with self.env.begin() as txn:
+            v = txn.get(b"registry_id", db=self.db["meta"])
+        return bytes(v).decode() if v else ""
 
     def begin(self, write: bool = False) -> lmdb.Transaction:
         return self.env.begin(write=write)

@@ -58,7 +58,9 @@ from mirrorfs.remotes.base import (
     quote_key,
     retry,
     split_key,
+    stale_temp,
     subtree_may_match,
+    tmp_name,
 )
 
 log = logging.getLogger(__name__)
@@ -561,7 +563,7 @@ class FtpRemote(Remote):
         (timeout, cancellation) leaves that to a clean-up task on a fresh connection.
         """
         final = self._path([*dir_parts, name])
-        tmp = self._path([*dir_parts, TMP_PREFIX + secrets.token_hex(8)])
+        tmp = self._path([*dir_parts, tmp_name()])
         replies = client.replies
         try:
             try:
@@ -756,6 +758,22 @@ class FtpRemote(Remote):
 
         await walk(start_parts, start + "/" if start else "")
         return page
+
+    async def _a_clean_temps(self, client: aioftp.Client, cutoff: float) -> int:
+        n = 0
+
+        async def walk(dir_parts: list[str]) -> None:
+            nonlocal n
+            for name, is_dir, _size, mtime_ns in await self._a_list_dir(client, dir_parts):
+                if is_dir:
+                    await walk([*dir_parts, name])
+                elif stale_temp(name, None if mtime_ns is None else mtime_ns / 1e9, cutoff):
+                    with contextlib.suppress(aioftp.StatusCodeError):
+                        await client.command("DELE " + self._path([*dir_parts, name]), "2xx")
+                        n += 1
+
+        await walk([])
+        return n
 
     async def _a_probe(self, client: _Client) -> None:
         payload = secrets.token_bytes(64)
@@ -958,6 +976,9 @@ class FtpRemote(Remote):
     @retry()
     async def stat(self, key: str) -> RemoteStat:
         return await self._op(f"stat {key}", self._a_stat, self._parts(key), key)
+
+    async def clean_temps(self, cutoff: float) -> int:
+        return await self._op("remove stale temp files", self._a_clean_temps, cutoff)
 
     async def probe(self) -> None:
         await self._op("probe", self._a_probe)
