@@ -431,6 +431,7 @@ class Uploader:
                     self.reg.set_pending(txn, m.rule.index, ino, want, PEND_UPLOAD)
             try:
                 await m.remote.copy(remote_key(source.path), remote_key(want), size=source.size)
+                crash_point("copy-done")
             except NotFound:
                 pass  # the source went meanwhile: upload instead
             else:

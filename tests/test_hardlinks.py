@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.mountutil import Mount
 from tests.test_mirrors import admin, drain, mirrors_for, s3_objects, tree
 
@@ -148,3 +150,33 @@ def test_second_node_sees_each_path_as_a_file(make_mount: Any, s3: Any) -> None:
     objs = s3_objects(s3)
     assert {k: v for k, v in objs.items() if not k.startswith(".mirrorfs/")} == \
         {"f": v3, "h": v2}
+
+
+@pytest.mark.parametrize("then", ["unlink", "keep"])
+def test_kill_after_a_server_side_copy_before_recording_it(make_mount: Any, s3: Any,
+                                                           tmp_path: Path, then: str) -> None:
+    """The copy that gives a new link its object on S3 landed and was not recorded (the
+    ``copy-done`` seam of uploader.crash_point). After the restart the link is removed (the
+    copied object must go: nothing else knows it) or kept (it is copied again and recorded);
+    either way the mirrors equal the mount once drained."""
+    from tests.test_proof import assert_mirrors_equal, start_paused, wait_dead
+
+    (tmp_path / "dm").mkdir()
+    m = make_mount({"s3": {"type": "s3", **s3.options()},
+                    "dir": {"type": "dir", "path": str(tmp_path / "dm")}}, upload_delay=0,
+                   env={"MIRRORFS_TEST_CRASH_AT": "copy-done"})
+    data = os.urandom(20_000)
+    (m.path / "f").write_bytes(data)
+    drain(m)
+    os.link(m.path / "f", m.path / "g")
+    wait_dead(m)
+    assert "test seam: SIGKILL at copy-done" in m.log_text()
+    assert s3_objects(s3) == {"f": data, "g": data}  # copied, never recorded
+    start_paused(m)
+    if then == "unlink":
+        os.unlink(m.path / "g")
+    admin(m, "resume")
+    drain(m)
+    assert_mirrors_equal(m, tmp_path, s3, None)
+    assert sorted(s3_objects(s3)) == (["f"] if then == "unlink" else ["f", "g"])
+    assert admin(m, "stats")["journal_length"] == 0
