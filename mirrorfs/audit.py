@@ -11,7 +11,10 @@ itself, so nothing else would notice. One audit of a mirror:
 
 1. removes what cut transfers left (``Remote.clean_temps``): on a mirror only this node
    writes, everything of that kind not started by this process; on a multi-node mirror
-   only what is older than ``TEMP_MAX_AGE`` (another node may be uploading right now);
+   only what is older than ``TEMP_MAX_AGE`` (another node may be uploading right now).
+   At start-up (before any audit, and ``drain`` waits for it) the same is done in the
+   directories that uploads cut by the last stop were writing to (their ``pending``
+   records), and for S3's incomplete multipart uploads;
 2. takes a snapshot of the keys the registry says the mirror holds (``rpath``/``remote``);
 3. lists the mirror once, paced (``PAGE``, ``PACE``), and compares each object:
 
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import xxhash
 
-from mirrorfs.cache.db import U16, U64, RemoteCopy, get_counter, set_counter
+from mirrorfs.cache.db import PEND_UPLOAD, U16, U64, RemoteCopy, get_counter, set_counter
 from mirrorfs.errors import MirrorfsError, NotFound, PermanentRemoteError
 
 if TYPE_CHECKING:
@@ -107,6 +110,23 @@ class Auditor:
         #: mirrors whose start-up clean-up of temp objects is done (drain waits for it)
         self.swept: set[str] = set()
         self._running: dict[str, trio.Lock] = {}
+        #: per mirror, the directories uploads were writing to when the last run stopped
+        #: (the ``pending`` upload records, read before any job runs): the only places a
+        #: crash can have left temp files since the last full audit
+        self.cut_dirs = {r.index: self._upload_dirs(r.index) for r in d.reg.mirrors}
+
+    def _upload_dirs(self, idx: int) -> list[str]:
+        dirs = set()
+        prefix = U16.pack(idx)
+        with self.d.db.begin() as txn:
+            cur = txn.cursor(db=self.d.db.db["pending"])
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:2] != prefix:
+                        break
+                    if bytes(v[:1]) == PEND_UPLOAD:
+                        dirs.add(os.fsdecode(bytes(k[10:]).rpartition(b"/")[0]))
+        return sorted(dirs)
 
     # ------------------------------------------------------------ scheduling
 
@@ -117,7 +137,7 @@ class Auditor:
         while m.rule.name not in self.swept:
             if m.up:
                 try:
-                    await self.clean_temps(m, Findings())
+                    await self.clean_temps(m, Findings(), self.cut_dirs.get(m.rule.index, []))
                 except PermanentRemoteError as exc:  # e.g. not allowed to list uploads
                     log.info("mirror %s: cannot clean up temp objects: %s", m.rule.name, exc)
                     self.swept.add(m.rule.name)
@@ -179,10 +199,12 @@ class Auditor:
                 self.d.uploader.kick()
             return f
 
-    async def clean_temps(self, m: MirrorState, f: Findings) -> None:
+    async def clean_temps(self, m: MirrorState, f: Findings,
+                          dirs: list[str] | None = None) -> None:
+        """Remove what cut transfers left: in ``dirs`` (at start-up), else everywhere."""
         cfg = next(c for c in self.d.cfg.mirrors if c.name == m.rule.name)
         cutoff = time.time() - TEMP_MAX_AGE if cfg.pull else self.started
-        n = await m.remote.clean_temps(cutoff)
+        n = await m.remote.clean_temps(cutoff, dirs)
         if n:
             f.counts["temps"] += n
             with self.d.db.begin(write=True) as txn:

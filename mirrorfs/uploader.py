@@ -45,7 +45,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import stat
 import time
 from collections.abc import Callable
@@ -80,6 +79,7 @@ from mirrorfs.errors import (
 )
 from mirrorfs.hashing import hash_file
 from mirrorfs.remotes.base import ObjectMeta, Remote
+from mirrorfs.seams import crash_point
 
 if TYPE_CHECKING:
     from mirrorfs.cache.store import Store
@@ -89,16 +89,6 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 5.0
 MAX_BACKOFF = 300.0
-
-#: Test-only seam: the daemon SIGKILLs itself when it reaches the named point, so that tests
-#: can put a crash exactly into one window of a multi-step operation (tests/test_proof.py).
-_CRASH_AT = os.environ.get("MIRRORFS_TEST_CRASH_AT", "")
-
-
-def crash_point(name: str) -> None:
-    if _CRASH_AT and _CRASH_AT == name:
-        log.info("test seam: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def backoff(attempts: int) -> float:
@@ -621,8 +611,9 @@ class Uploader:
         src = self.store.path(ino)
         idx = m.rule.index
         with self.reg.db.begin(write=True) as txn:
-            if self._owner(txn, m, path) != ino:  # not ours yet: say so before writing it
-                self.reg.set_pending(txn, idx, ino, path, PEND_UPLOAD)
+            # say so before writing it: if the key is not ours yet, a crash must not leave
+            # it owned by nothing; and a crash may leave a temp file in its directory
+            self.reg.set_pending(txn, idx, ino, path, PEND_UPLOAD)
         t0 = trio.current_time()
         whole, chunks, size = await trio.to_thread.run_sync(hash_file, src,
                                                            limiter=self.hash_limiter)

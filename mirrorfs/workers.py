@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mirrorfs.admin import COMMANDS, file_state
+from mirrorfs.admin import COMMANDS, file_state, paused_mirrors
 from mirrorfs.audit import Auditor
 from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
@@ -114,14 +114,17 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
     stats = RuntimeStats()
     daemon.stats = stats
     rules = {r.name: r for r in reg.mirrors}
+    paused = paused_mirrors(reg)  # `mirrorfs pause` survives a remount
     states = [MirrorState(rule=rules[m.name], remote=remotes[m.name],
-                          concurrency=m.concurrency, paused=cfg.paused,
+                          concurrency=m.concurrency, paused=cfg.paused or m.name in paused,
                           up=probes[m.name][0] == "ok", last_error=probes[m.name][1]
                           if probes[m.name][0] != "ok" else "")
               for m in cfg.mirrors]
 
     space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
                   dirty_limit=cfg.dirty_limit)
+    auditor = Auditor(daemon)  # before any job runs: it reads the cut uploads' records
+    daemon.auditor = auditor
     uploader = await Uploader.create(reg, store, ops, states, nursery)
     daemon.uploader = uploader
     fetcher = Fetcher(reg, store, remotes, list(cfg.read_order), stats, nursery,
@@ -146,8 +149,6 @@ async def start_workers(daemon: Daemon, nursery: trio.Nursery) -> None:
             sync = Sync(daemon, mcfg, mstate)
             daemon.syncs.append(sync)
             nursery.start_soon(sync.run, name=f"pull:{mcfg.name}")
-    auditor = Auditor(daemon)
-    daemon.auditor = auditor
     for mstate in states:
         nursery.start_soon(auditor.run, mstate, name=f"audit:{mstate.rule.name}")
     await nursery.start(serve_control, daemon,

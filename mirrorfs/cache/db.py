@@ -5,6 +5,8 @@ Owns the on-disk layout of the registry. Every sentinel value is documented here
 Sub-databases (all keys big-endian so that cursor order is numeric order):
 
 ``meta``      b"schema" -> version; b"next_ino" -> >Q next inode number (never reused);
+              b"paused:" + mirror name -> JSON {"since": unix time, "by": user}: uploads to
+              that mirror paused by ``mirrorfs pause`` (survives a remount; resume deletes it).
               b"registry_id" -> 16 hex digits made with the registry, written into the
               metadata of every object we upload (``ObjectMeta.writer``; audit.py).
 ``inodes``    >Q ino -> :class:`Inode`.

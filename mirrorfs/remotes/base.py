@@ -19,7 +19,7 @@ import os
 import random
 import secrets
 import urllib.parse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -219,10 +219,12 @@ class Remote(abc.ABC):
     #: one is then a change behind our back.
     keeps_mtime: bool = False
 
-    async def clean_temps(self, cutoff: float) -> int:
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
         """Remove what cut transfers left (temp files, incomplete multipart uploads) that
         this process did not start and that is older than ``cutoff`` (wall-clock seconds).
-        Returns how many were removed. Remotes whose transfers leave nothing do nothing."""
+        ``dirs``: only in these directories (keys without the last component, "" for the
+        top), else everywhere. Returns how many were removed. Remotes whose transfers leave
+        nothing do nothing."""
         return 0
 
     def url(self, key: str) -> str | None:

@@ -20,7 +20,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -416,25 +416,43 @@ class DirRemote(Remote):
 
     keeps_mtime = True
 
-    async def clean_temps(self, cutoff: float) -> int:
-        return await self._run(self._clean_temps_sync, cutoff)
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
+        return await self._run(self._clean_temps_sync, cutoff, dirs)
 
-    def _clean_temps_sync(self, cutoff: float) -> int:
-        """Walk the tree by descriptors (never following a symlink) for stale temp files."""
+    def _clean_temps_sync(self, cutoff: float, dirs: Sequence[str] | None) -> int:
+        """Look for stale temp files by descriptors (never following a symlink): in
+        ``dirs``, or in the whole tree."""
         n = 0
         base = self._open_base()
         os.close(base)
-        for _dir, _subdirs, files, dfd in os.fwalk(self.base, follow_symlinks=False):
-            for name in files:
-                if not name.startswith(TMP_PREFIX):
-                    continue
-                try:
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    if stale_temp(name, st.st_mtime, cutoff):
-                        os.unlink(name, dir_fd=dfd)
-                        n += 1
-                except FileNotFoundError:
-                    continue
+        if dirs is None:
+            for _dir, _subdirs, files, dfd in os.fwalk(self.base, follow_symlinks=False):
+                n += self._clean_dir(dfd, files, cutoff)
+            return n
+        for d in dirs:
+            try:
+                dfd = self._open_dir(split_key(d) if d else [], create=False)
+            except (OSError, InvalidKey, RemoteError):
+                continue
+            try:
+                n += self._clean_dir(dfd, os.listdir(dfd), cutoff)
+            finally:
+                os.close(dfd)
+        return n
+
+    @staticmethod
+    def _clean_dir(dfd: int, names: Sequence[str], cutoff: float) -> int:
+        n = 0
+        for name in names:
+            if not name.startswith(TMP_PREFIX):
+                continue
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and stale_temp(name, st.st_mtime, cutoff):
+                    os.unlink(name, dir_fd=dfd)
+                    n += 1
+            except FileNotFoundError:
+                continue
         return n
 
     async def probe(self) -> None:

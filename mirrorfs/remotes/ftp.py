@@ -28,7 +28,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
@@ -759,20 +759,29 @@ class FtpRemote(Remote):
         await walk(start_parts, start + "/" if start else "")
         return page
 
-    async def _a_clean_temps(self, client: aioftp.Client, cutoff: float) -> int:
+    async def _a_clean_temps(self, client: aioftp.Client, cutoff: float,
+                             dirs: Sequence[str] | None) -> int:
         n = 0
 
-        async def walk(dir_parts: list[str]) -> None:
+        async def walk(dir_parts: list[str], deep: bool) -> None:
             nonlocal n
             for name, is_dir, _size, mtime_ns in await self._a_list_dir(client, dir_parts):
                 if is_dir:
-                    await walk([*dir_parts, name])
+                    if deep:
+                        await walk([*dir_parts, name], deep)
                 elif stale_temp(name, None if mtime_ns is None else mtime_ns / 1e9, cutoff):
                     with contextlib.suppress(aioftp.StatusCodeError):
                         await client.command("DELE " + self._path([*dir_parts, name]), "2xx")
                         n += 1
 
-        await walk([])
+        if dirs is None:
+            await walk([], True)
+        for d in dirs or []:
+            try:
+                parts = split_key(d) if d else []
+            except InvalidKey:
+                continue
+            await walk(parts, False)
         return n
 
     async def _a_probe(self, client: _Client) -> None:
@@ -977,8 +986,8 @@ class FtpRemote(Remote):
     async def stat(self, key: str) -> RemoteStat:
         return await self._op(f"stat {key}", self._a_stat, self._parts(key), key)
 
-    async def clean_temps(self, cutoff: float) -> int:
-        return await self._op("remove stale temp files", self._a_clean_temps, cutoff)
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
+        return await self._op("remove stale temp files", self._a_clean_temps, cutoff, dirs)
 
     async def probe(self) -> None:
         await self._op("probe", self._a_probe)

@@ -19,7 +19,7 @@ import mimetypes
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -51,6 +51,7 @@ from mirrorfs.remotes.base import (
     quote_key,
     retry,
 )
+from mirrorfs.seams import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -507,10 +508,12 @@ class S3Remote(Remote):
             await self._s3("copy_object", f"copy {sfull} to {dfull}", Key=dfull,
                            CopySource={"Bucket": self.bucket, "Key": sfull},
                            MetadataDirective="COPY", **self._storage())
+            crash_point("s3-copied")
             await self._s3("delete_object", f"rename {src}", Key=sfull)
             return
         head = await self._s3("head_object", f"rename {src}", Key=sfull)
         await self._copy(sfull, dfull, head, None)
+        crash_point("s3-copied")
         await self._s3("delete_object", f"rename {src}", Key=sfull)
 
     server_copy = True
@@ -609,7 +612,7 @@ class S3Remote(Remote):
 
     keeps_meta = True
 
-    async def clean_temps(self, cutoff: float) -> int:
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
         """Abort incomplete multipart uploads under our prefix that this process is not
         running and that were started before ``cutoff`` (they cost storage until aborted)."""
         n = 0
