@@ -13,6 +13,7 @@ A handler may raise only FUSEError: :func:`handler` maps domain errors through
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import itertools
@@ -40,6 +41,23 @@ if TYPE_CHECKING:
     from mirrorfs.stats import RuntimeStats
 
 log = logging.getLogger(__name__)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: the fallocate(2) modes served, on the cache file (where its file system has them)
+FALLOCATE_MODES = frozenset({0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                             FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    """fallocate(2) with its modes (the os module has only posix_fallocate)."""
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -150,6 +168,8 @@ class Operations(pyfuse3.Operations):
         a.st_size = size
         a.st_blksize = 128 * 1024
         a.st_blocks = (size + 511) // 512
+        if of is not None:  # space reserved past the end (fallocate KEEP_SIZE) shows too
+            a.st_blocks = max(a.st_blocks, os.fstat(of.fd).st_blocks)
         return a
 
     def _node(self, ino: int) -> Inode:
@@ -492,6 +512,29 @@ class Operations(pyfuse3.Operations):
                 self.space.committed(of.written)
             of.written = 0
             self.on_commit(node)
+
+    @handler
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) on the cache file: reserve (mode 0, KEEP_SIZE), punch a hole or zero
+        a range. The reservation counts against the cache and dirty bounds like a write of
+        that many bytes (ENOSPC when there is no room), and the call is a change like a write:
+        committed at the next flush, journaled and uploaded. Other modes: EOPNOTSUPP; so is
+        a mode the cache's file system lacks."""
+        self._check_writable()
+        if mode not in FALLOCATE_MODES:
+            raise FUSEError(errno.EOPNOTSUPP)
+        of = self._of(fh)
+        if of is None:
+            raise FUSEError(errno.EBADF)
+        reserve = 0 if mode & FALLOC_FL_PUNCH_HOLE else length
+        if self.space is not None and reserve:
+            await self.space.reserve_write(of, off, reserve)
+        if not of.dirty:
+            self.reg.mark_open_write(of.ino)
+            of.dirty = True
+        of.write_gen += 1
+        of.written += reserve
+        fallocate(of.fd, mode, off, length)
 
     @handler
     async def flush(self, fh: int) -> None:

@@ -649,36 +649,86 @@ def test_cp_a_keeps_hard_links(mnt: Mount, tmp_path: Path) -> None:
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
 FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
 
 
-def test_fallocate_modes_are_refused_posix_fallocate_works(make_mount: MountFactory,
-                                                           tmp_path: Path) -> None:
-    """pyfuse3 registers no fallocate handler (docs/ARCHITECTURE.md): the kernel answers
-    EOPNOTSUPP to fallocate(2) in every mode. posix_fallocate(3) falls back to writes in
-    glibc: the file grows with zeros, and that change is uploaded like a write."""
+def falloc(fd: int, mode: int, off: int, length: int) -> None:
+    fn = _libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fn(fd, mode, off, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_fallocate_modes(make_mount: MountFactory, tmp_path: Path) -> None:
+    """fallocate(2) through the kernel (pyfuse3 patched with the handler, tools/patches):
+    mode 0 grows the file with zeros, KEEP_SIZE reserves blocks in the cache file without
+    growing it, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE zero a range (the cache is on ext4,
+    which has them all); other modes are EOPNOTSUPP. The changed file is uploaded."""
     from tests.test_mirrors import drain, tree
 
     (tmp_path / "dm").mkdir()
     m = make_mount({"dir": {"type": "dir", "path": str(tmp_path / "dm")}}, upload_delay=0)
     p = m.path / "f"
-    write_file(p, b"head")
-    fn = _libc.fallocate
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    data = bytearray(os.urandom(256 * 1024))
+    write_file(p, bytes(data))
+    ino = os.stat(p).st_ino
     fd = os.open(p, os.O_RDWR)
     try:
-        for mode in (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                     FALLOC_FL_ZERO_RANGE):
-            assert fn(fd, mode, 0, 65536) == -1
-            assert ctypes.get_errno() == errno.EOPNOTSUPP, (mode, ctypes.get_errno())
+        falloc(fd, 0, len(data), 64 * 1024)  # past the end: grows, zeros
+        data += bytes(64 * 1024)
+        assert os.fstat(fd).st_size == len(data)
+        falloc(fd, FALLOC_FL_KEEP_SIZE, 0, 4 << 20)  # reserve 4 MiB, size unchanged
+        st = os.fstat(fd)
+        assert st.st_size == len(data)
+        assert st.st_blocks * 512 >= 4 << 20, st.st_blocks
+        assert content_path(m, ino).stat().st_blocks * 512 >= 4 << 20
+        falloc(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8192, 16384)
+        data[8192:8192 + 16384] = bytes(16384)
+        falloc(fd, FALLOC_FL_ZERO_RANGE, 100_000, 5000)
+        data[100_000:105_000] = bytes(5000)
+        for mode in (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE):
+            expect_errno(errno.EOPNOTSUPP, falloc, fd, mode, 0, 4096)
+        assert os.pread(fd, len(data) + 10, 0) == bytes(data)
+    finally:
+        os.close(fd)
+    assert os.stat(p).st_size == len(data)
+    assert p.read_bytes() == bytes(data)
+    drain(m)
+    assert tree(tmp_path / "dm") == {"f": bytes(data)}
+    # posix_fallocate(3) (glibc calls fallocate mode 0) on a new file
+    fd = os.open(m.path / "g", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         os.posix_fallocate(fd, 0, 100_000)
     finally:
         os.close(fd)
-    st = os.stat(p)
-    assert st.st_size == 100_000 and st.st_blocks * 512 >= 100_000
-    assert p.read_bytes() == b"head" + bytes(100_000 - 4)
+    assert (m.path / "g").read_bytes() == bytes(100_000)
     drain(m)
-    assert tree(tmp_path / "dm") == {"f": b"head" + bytes(100_000 - 4)}
+    assert tree(tmp_path / "dm")["g"] == bytes(100_000)
+
+
+def test_fallocate_counts_against_the_dirty_bound(make_mount: MountFactory, ftp: Any) -> None:
+    """A reservation is counted like a write of that many bytes: with the only mirror down
+    and dirty_limit 8 MiB, reserving 16 MiB is ENOSPC and reserves nothing; 1 MiB is fine."""
+    m = make_mount({"ftp": {"type": "ftp", **ftp.options(timeout=2)}}, upload_delay=0,
+                   dirty_limit=8 << 20)
+    from tests.test_mirrors import admin
+
+    m.expect_log(r"unreachable")
+    ftp.stop()
+    write_file(m.path / "x", b"x")  # its upload finds the mirror down
+    m.wait_for(lambda: admin(m, "stats")["mirrors"]["ftp"]["up"] is False, timeout=60)
+    fd = os.open(m.path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        expect_errno(errno.ENOSPC, falloc, fd, FALLOC_FL_KEEP_SIZE, 0, 16 << 20)
+        assert os.fstat(fd).st_blocks * 512 < 1 << 20
+        falloc(fd, FALLOC_FL_KEEP_SIZE, 0, 1 << 20)
+        assert os.fstat(fd).st_blocks * 512 >= 1 << 20
+    finally:
+        os.close(fd)
+    assert os.stat(m.path).st_mode  # the daemon is alive
 
 
 def test_chmod_chown_utimens(mnt: Mount) -> None:
