@@ -109,6 +109,7 @@ def test_sigkill_between_link_and_upload(make_mount: Any, s3: Any, ftp: Any,
     m.kill()
     assert_mirrors(tmp_path, s3, ftp, {"f": data})  # nothing happened remotely yet
     m.start()
+    admin(m, "resume")  # (a pause persists across restarts)
     assert os.stat(p / "g").st_nlink == 2
     drain(m)
     assert_mirrors(tmp_path, s3, ftp, {"g": data, "d/h": data})
