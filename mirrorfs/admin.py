@@ -43,7 +43,7 @@ STAT_NAMES = ("files", "dirs", "symlinks", "bytes", "local_files", "local_bytes"
               "evictions", "evicted_bytes", "verify_failures", "whole_hash_downloads",
               "unverified_downloads", "read_errors", "unstored_pages_dropped")
 MIRROR_STAT_NAMES = ("jobs", "failed", "copies", "copy_bytes", "uploads", "upload_bytes",
-                     "deletes", "renames", "last_success")
+                     "deletes", "renames", "server_copies", "last_success")
 
 
 # ---------------------------------------------------------------- helpers
@@ -245,7 +245,7 @@ def file_state(d: Daemon, node: Inode) -> dict[str, Any]:
         dirty = False
         for m in reg.mirrors:
             job = reg.journal.get(txn, m.index, node.ino)
-            rc = reg.remote_copy(txn, m.index, node.ino)
+            rc = reg.remote_copy(txn, m.index, node.ino, path)
             if job is not None:
                 dirty = True
                 s = "failed" if job.state == JOB_FAILED else "pending"

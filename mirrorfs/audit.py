@@ -225,7 +225,7 @@ class Auditor:
                     if k[:2] != prefix:
                         break
                     ino = U64.unpack(v)[0]
-                    rc = reg.remote_copy(txn, idx, ino)
+                    rc = reg.remote_copy(txn, idx, ino, bytes(k[2:]))  # (one per hard link)
                     out[bytes(k[2:])] = (ino, rc.pack() if rc is not None else b"")
         return out
 
@@ -250,7 +250,7 @@ class Auditor:
         with self.d.db.begin() as txn:
             if self.d.reg.rpath_owner(txn, m.rule.index, key) != ino:
                 return False
-            rc = self.d.reg.remote_copy(txn, m.rule.index, ino)
+            rc = self.d.reg.remote_copy(txn, m.rule.index, ino, key)
             return rc is not None and rc.pack() == packed
 
     async def _audit(self, m: MirrorState, f: Findings, deep: bool, repair: bool) -> None:

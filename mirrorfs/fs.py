@@ -13,6 +13,7 @@ A handler may raise only FUSEError: :func:`handler` maps domain errors through
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import itertools
@@ -40,6 +41,23 @@ if TYPE_CHECKING:
     from mirrorfs.stats import RuntimeStats
 
 log = logging.getLogger(__name__)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: the fallocate(2) modes served, on the cache file (where its file system has them)
+FALLOCATE_MODES = frozenset({0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                             FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    """fallocate(2) with its modes (the os module has only posix_fallocate)."""
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -150,6 +168,8 @@ class Operations(pyfuse3.Operations):
         a.st_size = size
         a.st_blksize = 128 * 1024
         a.st_blocks = (size + 511) // 512
+        if of is not None:  # space reserved past the end (fallocate KEEP_SIZE) shows too
+            a.st_blocks = max(a.st_blocks, os.fstat(of.fd).st_blocks)
         return a
 
     def _node(self, ino: int) -> Inode:
@@ -273,8 +293,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        # Mirrors key objects by path; an inode has exactly one path (see registry).
-        raise FUSEError(errno.EPERM)
+        self._check_writable()
+        node = self.reg.link(inode, new_parent_inode, new_name)
+        self.on_commit(node)  # wakes the uploader: the new path is a change to upload
+        return self._attrs(node)
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -492,6 +514,29 @@ class Operations(pyfuse3.Operations):
             self.on_commit(node)
 
     @handler
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) on the cache file: reserve (mode 0, KEEP_SIZE), punch a hole or zero
+        a range. The reservation counts against the cache and dirty bounds like a write of
+        that many bytes (ENOSPC when there is no room), and the call is a change like a write:
+        committed at the next flush, journaled and uploaded. Other modes: EOPNOTSUPP; so is
+        a mode the cache's file system lacks."""
+        self._check_writable()
+        if mode not in FALLOCATE_MODES:
+            raise FUSEError(errno.EOPNOTSUPP)
+        of = self._of(fh)
+        if of is None:
+            raise FUSEError(errno.EBADF)
+        reserve = 0 if mode & FALLOC_FL_PUNCH_HOLE else length
+        if self.space is not None and reserve:
+            await self.space.reserve_write(of, off, reserve)
+        if not of.dirty:
+            self.reg.mark_open_write(of.ino)
+            of.dirty = True
+        of.write_gen += 1
+        of.written += reserve
+        fallocate(of.fd, mode, off, length)
+
+    @handler
     async def flush(self, fh: int) -> None:
         of = self._of(fh)
         if of is not None:
@@ -561,17 +606,27 @@ class Operations(pyfuse3.Operations):
         # start_id is "how many entries of the listing were returned". The listing is taken
         # at the start (offset 0: opendir or rewinddir) and kept with the handle, so removing
         # entries while reading (rm -r) does not shift the rest: every entry present
-        # throughout is returned exactly once, as POSIX asks.
+        # throughout is returned exactly once, as POSIX asks. It starts with "." and ".."
+        # (tools such as find -noleaf and pjdfstest count on them; root's ".." is root).
         d = self.open_dirs.get(fh)
         if d is None:
             raise FUSEError(errno.EBADF)
         inode, entries = d
         if start_id == 0:
-            entries = self.reg.list_dir(inode)
+            parent = self._node(inode).parent if inode != ROOT_INO else ROOT_INO
+            entries = [(b".", inode), (b"..", parent)]
+            entries += self.reg.list_dir(inode)
             self.open_dirs[fh] = (inode, entries)
         with self.reg.db.begin() as txn:  # one read transaction for the whole reply
             for i in range(start_id, len(entries)):
-                name, _ino = entries[i]
+                name, ino = entries[i]
+                if i < 2:  # "." and "..": the kernel makes no dentry of them
+                    dot = self.reg.get_txn(txn, ino)
+                    if dot is None:
+                        continue
+                    if not pyfuse3.readdir_reply(token, name, self._attrs(dot), i + 1):
+                        break
+                    continue
                 node = self.reg.lookup_txn(txn, inode, name)
                 if node is None:
                     continue  # removed since the listing was taken

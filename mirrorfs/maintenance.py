@@ -243,11 +243,10 @@ async def _verify_remote(d: Daemon, ino: int, path: str, deep: bool, repair: boo
     node = d.reg.get(ino)
     if node is None:
         return
-    for m in d.reg.mirrors:
-        with d.reg.db.begin() as txn:
-            rc = d.reg.remote_copy(txn, m.index, ino)
-        if rc is None:
-            continue
+    with d.reg.db.begin() as txn:  # every key (one per hard link) on every mirror
+        copies = [(m, rc) for m in d.reg.mirrors
+                  for rc in d.reg.remote_copies(txn, m.index, ino)]
+    for m, rc in copies:
         remote: Remote = d.remotes[m.name]
         key = os.fsdecode(rc.path)
         problem = None

@@ -310,6 +310,27 @@ class Sync:
             node = self.d.reg.lookup_txn(txn, node.ino, part)
         return node
 
+    def _entry(self, txn: lmdb.Transaction, path: bytes) -> tuple[int, bytes]:
+        """The (directory inode, name) of the entry at ``path`` (which exists): a file with
+        hard links has several, and a record is about this one."""
+        from mirrorfs.cache.db import ROOT_INO
+
+        head, _, name = path.rpartition(b"/")
+        parent = self._lookup(txn, head) if head else self.d.reg.get_txn(txn, ROOT_INO)
+        assert parent is not None
+        return parent.ino, name
+
+    def _split(self, txn: lmdb.Transaction, node: Inode, path: bytes) -> None:
+        """``path`` is one of several names of ``node`` (hard links here) and takes another
+        node's version: to the other nodes every path is a file of its own. The name leaves
+        the inode, which keeps its other names and its content; the object at ``path`` is
+        the other node's now, so our record of it goes without a remote delete. The caller
+        then registers ``path`` as a new file."""
+        reg = self.d.reg
+        reg.drop_remote(txn, self.idx, node.ino, path)
+        reg.unlink_txn(txn, *self._entry(txn, path))
+        self._invalidate(node, False)
+
     def _current_hash(self, txn: lmdb.Transaction, node: Inode) -> bytes | None:
         if node.hash_ver == node.ver and node.hash_ver:
             return node.hash
@@ -394,7 +415,18 @@ class Sync:
                             os.fsdecode(path), node_name)
                 return
             cur = self._current_hash(txn, node)
-            rc = reg.remote_copy(txn, self.idx, node.ino)
+            rc = reg.remote_copy(txn, self.idx, node.ino, path)
+            if node.nlink > 1 and cur != new_hash and not self._dirty_here(txn, node.ino):
+                # One of several names here: that path alone takes their version.
+                self._split(txn, node, path)
+                _status, made = reg.add_remote_file(
+                    txn, path, int(rec["size"]), int(rec["mtime"]),
+                    int(rec.get("mode", 0o644)), new_hash, self.idx, path)
+                if made is not None:
+                    self._store_chunks(txn, made.ino, made.ver, rec)
+                    self._requeue_others(txn, made.ino, path)
+                    self._invalidate(made, False)
+                return
             if cur == new_hash or (rc is not None and rc.hash == new_hash
                                    and not self._dirty_here(txn, node.ino)):
                 # Already this version: at most the metadata changed.
@@ -537,10 +569,10 @@ class Sync:
         with reg.db.begin(write=True) as txn:
             # Our object on the shared key is theirs now: forget it without deleting it.
             reg.drop_remote(txn, self.idx, node.ino, path)
-        parent = node.parent
+            parent, name = self._entry(txn, path)
         cbase = cname.rpartition(b"/")[2]
         try:
-            reg.rename(parent, node.name, parent, cbase, 0)
+            reg.rename(parent, name, parent, cbase, 0)
         except OSError as exc:
             log.error("conflict on %r: cannot keep our version aside: %s",
                       os.fsdecode(path), exc)
@@ -560,7 +592,8 @@ class Sync:
             node = self._lookup(txn, path)
             if node is None or not stat.S_ISREG(node.mode):
                 return
-            rc = reg.remote_copy(txn, self.idx, node.ino)
+            rc = reg.remote_copy(txn, self.idx, node.ino, path)
+            entry = self._entry(txn, path)
             gone = bytes.fromhex(rec["hash"]) if rec.get("hash") else None
             ours = self._current_hash(txn, node)
             same = gone is not None and (ours == gone or (rc is not None and rc.hash == gone))
@@ -574,7 +607,7 @@ class Sync:
             return
         with reg.db.begin(write=True) as txn:
             reg.drop_remote(txn, self.idx, node.ino, path)  # already gone there
-        deleted, may_go = reg.unlink(node.parent, node.name, want_dir=False)
+        deleted, may_go = reg.unlink(*entry, want_dir=False)  # (one name of a linked file)
         if may_go:
             self.d.store.remove(deleted.ino)
         self._invalidate(node, False)
@@ -587,7 +620,8 @@ class Sync:
             ok = node is not None and stat.S_ISREG(node.mode)
             if ok:
                 assert node is not None
-                rc = reg.remote_copy(txn, self.idx, node.ino)
+                rc = reg.remote_copy(txn, self.idx, node.ino, src)
+                entry = self._entry(txn, src)
                 ours = self._current_hash(txn, node)
                 moved = bytes.fromhex(rec["hash"])
                 ok = (ours == moved or (rc is not None and rc.hash == moved)) and \
@@ -600,11 +634,12 @@ class Sync:
         if parent is None:
             return
         with reg.db.begin(write=True) as txn:
-            rc = reg.remote_copy(txn, self.idx, node.ino)
+            rc = reg.remote_copy(txn, self.idx, node.ino, src)
             if rc is not None:  # the object already moved on the mirror
                 reg.set_remote(txn, self.idx, node.ino, RemoteCopy(
                     dst, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
-        _moved, replaced, gone = reg.rename(node.parent, node.name, parent,
+                reg.drop_remote(txn, self.idx, node.ino, src)
+        _moved, replaced, gone = reg.rename(*entry, parent,
                                             dst.rpartition(b"/")[2], 0)
         if replaced is not None and gone and stat.S_ISREG(replaced.mode):
             self.d.store.remove(replaced.ino)

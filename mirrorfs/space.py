@@ -127,13 +127,14 @@ class Space:
             return False
         if not self.reg.mirrors or self.reg.is_dirty_txn(txn, node.ino):
             return False
-        path = self.reg.path_txn(txn, node)
-        wanting = [m for m in self.reg.mirrors if m.wants(path)]
-        if not wanting:
+        # every path (one per hard link) on every mirror that wants it, at this version
+        wanted = [(m, p) for p in self.reg.paths_txn(txn, node) for m in self.reg.mirrors
+                  if m.wants(p)]
+        if not wanted:
             return False
-        for m in wanting:
-            rc = self.reg.remote_copy(txn, m.index, node.ino)
-            if rc is None or rc.ver != node.ver or rc.path != path:
+        for m, p in wanted:
+            rc = self.reg.remote_copy(txn, m.index, node.ino, p)
+            if rc is None or rc.ver != node.ver:
                 return False
         return True
 

@@ -4,16 +4,18 @@ Owns the per-mirror runtime state (up/down, paused, jobs in flight, busy paths).
 scheduler task per mirror takes due jobs from the journal and runs each in a task of its own,
 at most ``concurrency`` at a time; a mirror that is down or paused only stops its own queue.
 
-A job is a reconciliation, not a recorded operation: it reads what the inode is now and what
-the mirror holds (``remote`` db) and performs the one step that closes the gap:
+A job is a reconciliation, not a recorded operation: it reads what the inode is now (the
+set of its paths the mirror wants: one, or one per hard link) and what the mirror holds
+(``remote`` db: a set of keys) and performs, per wanted key, the one step that closes the
+gap, then deletes the keys no longer wanted:
 
 =========================================  ============================================
-inode now                                  step on the mirror
+inode now (per wanted path)                step on the mirror
 =========================================  ============================================
-gone, unlinked, or no longer wanted here   delete the object (per delete policy)
-same content, other path                   server-side rename
-other content (or nothing there yet)       upload from the cache file, then delete the
-                                           object at the old path if it moved
+gone, unlinked, or no longer wanted here   delete the object(s) (per delete policy)
+same content at a key no longer wanted     server-side rename
+same content at another wanted key (link)  server-side copy where the mirror has one
+other content (or nothing there yet)       upload from the cache file
 same content and path, other mode/mtime    metadata update
 =========================================  ============================================
 
@@ -25,9 +27,10 @@ may overwrite it only if that inode is deleted, unwanted, or still has its conte
 (it is then re-uploaded under its own path); otherwise it waits for that inode's job to move
 the object away first. Uploads write the new object before deleting the old one.
 
-Multi-step operations leave no object owned by nothing (``pending`` db, see cache/db.py): the
-delete of an old key is recorded in the transaction that records the new key; an upload to a
-key the inode does not own and a server-side rename are recorded before they start. While an
+Multi-step operations leave no object owned by nothing (``pending`` db, see cache/db.py): an
+upload or server-side copy to a key the inode does not own and a server-side rename are
+recorded before they start; a key the file no longer wants stays recorded (owned) until its
+delete is done. While an
 inode has such a record its job stays, and every run of the job first finishes them
 (:meth:`Uploader._settle_pending`): after a crash, a failed delete or a cut rename.
 
@@ -263,7 +266,8 @@ class Uploader:
     async def _run_job(self, m: MirrorState, ino: int, seq: int) -> None:
         idx = m.rule.index
         node = self.reg.get(ino)
-        lease = lease_for(node.size if node else 0)
+        # (a file with hard links may need an upload per path)
+        lease = lease_for(node.size if node else 0) * max(1, node.nlink if node else 1)
         try:
             with trio.fail_after(lease):
                 await self._reconcile(m, ino)
@@ -326,88 +330,143 @@ class Uploader:
     def _owner(self, txn: lmdb.Transaction, m: MirrorState, path: bytes) -> int | None:
         return self.reg.rpath_owner(txn, m.rule.index, path)
 
-    def _wanted_path(self, txn: lmdb.Transaction, m: MirrorState,
-                     node: Inode | None) -> bytes | None:
+    def _wanted_paths(self, txn: lmdb.Transaction, m: MirrorState,
+                      node: Inode | None) -> list[bytes]:
+        """The keys the mirror should hold for ``node``: one per path (hard link) it wants."""
         if node is None or node.flags & F_ORPHAN or not stat.S_ISREG(node.mode):
-            return None
-        path = self.reg.path_txn(txn, node)
-        return path if m.rule.wants(path) else None
+            return []
+        return [p for p in self.reg.paths_txn(txn, node) if m.rule.wants(p)]
 
     async def _reconcile(self, m: MirrorState, ino: int) -> None:
+        """Bring the mirror's set of keys for ``ino`` in line with the inode's paths: each
+        wanted key gets the current content (rename, server-side copy or upload), then the
+        keys no longer wanted are deleted -- new objects before old ones go, so a crash in
+        between leaves an extra object (still recorded, deleted by the next run), never a
+        missing one."""
         with self.reg.db.begin() as txn:
             node = self.reg.get_txn(txn, ino)
-            rc = self.reg.remote_copy(txn, m.rule.index, ino)
-            want = self._wanted_path(txn, m, node)
+            copies = self.reg.remote_copies(txn, m.rule.index, ino)
+            wanted = self._wanted_paths(txn, m, node)
             pending = self.reg.pending_ops(txn, m.rule.index, ino)
         if pending:
-            await self._settle_pending(m, ino, want, rc, pending)
+            await self._settle_pending(m, ino, wanted, pending)
             with self.reg.db.begin() as txn:
-                rc = self.reg.remote_copy(txn, m.rule.index, ino)
-        with self.reg.db.begin() as txn:
-            owner = self._owner(txn, m, want) if want is not None else None
-        if want is None:
-            if rc is not None:
+                copies = self.reg.remote_copies(txn, m.rule.index, ino)
+        if not wanted:
+            if copies:
                 if node is not None and node.local != LOCAL_FULL and self.reg.is_open(ino):
                     # Unlinked while a reader streams it: the object is its only copy.
                     raise Defer("remote-only file still open for reading", 1.0)
-                self._take_keys(m, ino, rc.path)
-                await self._delete(m, ino, rc)
+                for rc in copies:
+                    self._take_keys(m, ino, rc.path)
+                    await self._delete(m, ino, rc)
             return
         assert node is not None
-        m.remote.check_key(remote_key(want))
+        for want in wanted:
+            m.remote.check_key(remote_key(want))
+        for want in wanted:
+            await self._reconcile_key(m, node, want, wanted)
+        with self.reg.db.begin() as txn:
+            unwanted = [rc for rc in self.reg.remote_copies(txn, m.rule.index, ino)
+                        if rc.path not in wanted]
+        if unwanted:
+            crash_point("upload-recorded")
+        for rc in unwanted:
+            self._take_keys(m, ino, rc.path)
+            await self._delete(m, ino, rc)
+
+    async def _reconcile_key(self, m: MirrorState, node: Inode, want: bytes,
+                             wanted: list[bytes]) -> None:
+        """One wanted key of ``node``: the one step that gives it the current content."""
+        ino = node.ino
+        with self.reg.db.begin() as txn:
+            owner = self._owner(txn, m, want)
+            copies = {rc.path: rc for rc in self.reg.remote_copies(txn, m.rule.index, ino)}
         if owner is not None and owner != ino:
             self._take_keys(m, ino, want)
             self._claim_key(m, ino, want, owner)
-        self._take_keys(m, ino, want, rc.path if rc else None)
-        if rc is not None and rc.ver == node.ver and rc.ver:
-            if rc.path != want:
-                with self.reg.db.begin(write=True) as txn:
-                    self.reg.set_pending(txn, m.rule.index, ino, want, PEND_RENAME, rc.hash)
-                try:
-                    await m.remote.rename(remote_key(rc.path), remote_key(want), size=rc.size)
-                    crash_point("rename-done")
-                except NotFound:
-                    # A crash after the mirror renamed and before the move was recorded:
-                    # the old key is gone. Adopt the object at the new key if it is ours
-                    # (read back and hashed), else upload again if we can.
-                    if not await self._holds_copy(m, want, rc):
-                        if node.local != LOCAL_FULL:
-                            raise
-                        await self._upload(m, node, want, None)
-                        return
-                self._record_move(m, ino, rc, want)
-            if rc.mode != node.mode or rc.mtime_ns != node.mtime_ns:
-                await m.remote.update_meta(remote_key(want), ObjectMeta(
-                    node.size, rc.hash.hex(), node.mtime_ns, node.mode & 0o7777,
-                    writer=self.writer))
-                self._record_meta(m, ino, node)
+        self._take_keys(m, ino, want)
+        rc = copies.get(want)
+        current = [c for c in copies.values() if c.ver and c.ver == node.ver]
+        if rc is not None and rc in current:
+            await self._update_meta(m, node, rc)
             return
+        # The current content at a key no longer wanted (the path was renamed): move it.
+        moved = next((c for c in current if c.path not in wanted), None)
+        if moved is not None:
+            self._take_keys(m, ino, moved.path)
+            with self.reg.db.begin(write=True) as txn:
+                self.reg.set_pending(txn, m.rule.index, ino, want, PEND_RENAME, moved.hash)
+            try:
+                await m.remote.rename(remote_key(moved.path), remote_key(want), size=moved.size)
+                crash_point("rename-done")
+            except NotFound:
+                # A crash after the mirror renamed and before the move was recorded:
+                # the old key is gone. Adopt the object at the new key if it is ours
+                # (read back and hashed), else upload again if we can.
+                if not await self._holds_copy(m, want, moved):
+                    if node.local != LOCAL_FULL:
+                        raise
+                    await self._upload(m, node, want, rc)
+                    return
+            self._record_move(m, ino, moved, want)
+            await self._update_meta(m, node, moved)
+            return
+        # Another path of the same inode (a hard link) is there: copy it on the server.
+        source = next((c for c in current if c.path != want), None)
+        if source is not None and m.remote.server_copy:
+            self._take_keys(m, ino, source.path)
+            with self.reg.db.begin(write=True) as txn:
+                if self._owner(txn, m, want) != ino:  # not ours yet: as for an upload
+                    self.reg.set_pending(txn, m.rule.index, ino, want, PEND_UPLOAD)
+            try:
+                await m.remote.copy(remote_key(source.path), remote_key(want), size=source.size)
+                crash_point("copy-done")
+            except NotFound:
+                pass  # the source went meanwhile: upload instead
+            else:
+                self._record_copy(m, ino, source, want, rc)
+                await self._update_meta(m, node, source)
+                return
         await self._upload(m, node, want, rc)
 
-    async def _settle_pending(self, m: MirrorState, ino: int, want: bytes | None,
-                              rc: RemoteCopy | None,
+    async def _update_meta(self, m: MirrorState, node: Inode, rc: RemoteCopy) -> None:
+        """chmod/utime since the upload: the object's metadata, not its content."""
+        if rc.mode == node.mode and rc.mtime_ns == node.mtime_ns:
+            return
+        with self.reg.db.begin() as txn:
+            cur = self.reg.remote_copies(txn, m.rule.index, node.ino)
+        for c in cur:
+            if c.ver == rc.ver and (c.mode != node.mode or c.mtime_ns != node.mtime_ns):
+                await m.remote.update_meta(remote_key(c.path), ObjectMeta(
+                    node.size, c.hash.hex(), node.mtime_ns, node.mode & 0o7777,
+                    writer=self.writer))
+                self._record_meta(m, node.ino, node, c.path)
+
+    async def _settle_pending(self, m: MirrorState, ino: int, wanted: list[bytes],
                               pending: list[tuple[bytes, bytes, bytes]]) -> None:
         """Finish what an earlier run of this job left half done (cut by a crash, a failed
         delete, a cancelled lease): every ``pending`` record is resolved before the job does
         anything else, so that each key on the mirror is either owned or deleted."""
         idx = m.rule.index
-        keys = [key for key, _kind, _h in pending if key != want]
+        keys = [key for key, _kind, _h in pending if key not in wanted]
         self._take_keys(m, ino, *keys)
         for key, kind, digest in pending:
-            if key == want and kind != PEND_DELETE:
-                continue  # this run uploads or renames to it again and records it
+            if key in wanted and kind != PEND_DELETE:
+                continue  # this run uploads, copies or renames to it again and records it
             with self.reg.db.begin() as txn:
                 owner = self._owner(txn, m, key)
-            if owner is not None or key == want:
+                # a cut rename's source: our copy of that content at another key
+                sources = [c for c in self.reg.remote_copies(txn, idx, ino)
+                           if c.path != key and c.hash == digest]
+            if owner is not None or key in wanted:
                 # owned (by us: it is our recorded copy; by another inode: its object),
                 # or wanted again: nothing of ours to remove
                 with self.reg.db.begin(write=True) as txn:
                     self.reg.clear_pending(txn, idx, ino, key)
                 continue
-            if kind == PEND_RENAME and rc is not None and rc.path != key:
-                if await self._adopt_renamed(m, ino, rc, key):
-                    with self.reg.db.begin() as txn:
-                        rc = self.reg.remote_copy(txn, idx, ino)
+            if kind == PEND_RENAME and sources:
+                if await self._adopt_renamed(m, ino, sources[0], key):
                     continue
             if m.rule.delete_policy != "never" or kind == PEND_RENAME:
                 log.info("mirror %s: removing %r left by an unfinished %s", m.rule.name, key,
@@ -454,20 +513,24 @@ class Uploader:
         idx = m.rule.index
         with self.reg.db.begin(write=True) as txn:
             other = self.reg.get_txn(txn, owner)
-            other_want = self._wanted_path(txn, m, other)
-            if other is not None and other_want == path:
+            other_want = self._wanted_paths(txn, m, other)
+            if other is not None and path in other_want:
                 raise Defer(f"key {path!r} still belongs to inode {owner}", 1.0)
             if (other is not None and other.local != LOCAL_FULL
                     and self.reg.is_open(owner)):
                 raise Defer(f"key {path!r} holds inode {owner}, still open for reading", 1.0)
-            recoverable = (other is None or other.flags & F_ORPHAN or other_want is None
-                           or other.local == LOCAL_FULL)
+            # (or its content is on this mirror at another key it wants: a hard link)
+            elsewhere = other is not None and any(
+                c.ver == other.ver and c.path in other_want
+                for c in self.reg.remote_copies(txn, idx, owner))
+            recoverable = (other is None or other.flags & F_ORPHAN or not other_want
+                           or other.local == LOCAL_FULL or elsewhere)
             if not recoverable:
                 # The other inode's only copy here is this object: let it move away first.
                 self.reg.journal.touch(txn, idx, owner, self.clock())
                 raise Defer(f"key {path!r} holds inode {owner}, which must move first", 0.5)
             self.reg.drop_remote(txn, m.rule.index, owner, path)
-            if other is not None and other_want is not None:
+            if other is not None and other_want:
                 self.reg.journal.touch(txn, idx, owner, self.clock())
         m.wake.set()
 
@@ -484,18 +547,37 @@ class Uploader:
         with self.reg.db.begin(write=True) as txn:
             self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
                 new_path, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
+            self.reg.drop_remote(txn, m.rule.index, ino, rc.path)
             self.reg.clear_pending(txn, m.rule.index, ino, new_path)
             bump_counter(txn, self.reg.counters, b"m%d.renames" % m.rule.index, 1)
             self._emit(txn, m, "rename", new_path, **{"from": os.fsdecode(rc.path)},
                        hash=rc.hash.hex(), size=rc.size, mtime=rc.mtime_ns,
                        mode=rc.mode & 0o7777)
 
-    def _record_meta(self, m: MirrorState, ino: int, node: Inode) -> None:
+    def _record_copy(self, m: MirrorState, ino: int, src: RemoteCopy, path: bytes,
+                     old: RemoteCopy | None) -> None:
+        """A server-side copy of another path of the inode landed at ``path``."""
         with self.reg.db.begin(write=True) as txn:
-            rc = self.reg.remote_copy(txn, m.rule.index, ino)
+            self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
+                path, src.ver, src.hash, src.size, src.mode, src.mtime_ns))
+            self.reg.clear_pending(txn, m.rule.index, ino, path)
+            bump_counter(txn, self.reg.counters, b"m%d.server_copies" % m.rule.index, 1)
+            chunks = txn.get(U64.pack(ino), db=self.reg.chunks)
+            node = self.reg.get_txn(txn, ino)
+            prev = old.hash.hex() if old is not None and old.hash.strip(b"\0") else None
+            fields: dict[str, object] = {}
+            if chunks is not None and node is not None and \
+                    U64.unpack(bytes(chunks[:8]))[0] == src.ver:
+                fields["chunks"] = bytes(chunks[8:]).hex()
+            self._emit(txn, m, "put", path, hash=src.hash.hex(), prev=prev, size=src.size,
+                       mtime=src.mtime_ns, mode=src.mode & 0o7777, **fields)
+
+    def _record_meta(self, m: MirrorState, ino: int, node: Inode, path: bytes) -> None:
+        with self.reg.db.begin(write=True) as txn:
+            rc = self.reg.remote_copy(txn, m.rule.index, ino, path)
             if rc is not None:
                 rc.mode, rc.mtime_ns = node.mode, node.mtime_ns
-                txn.put(MQ.pack(m.rule.index, ino), rc.pack(), db=self.reg.remote)
+                self.reg.set_remote(txn, m.rule.index, ino, rc)
                 self._emit(txn, m, "put", rc.path, hash=rc.hash.hex(), prev=rc.hash.hex(),
                            size=rc.size, mtime=rc.mtime_ns, mode=rc.mode & 0o7777)
 
@@ -512,6 +594,8 @@ class Uploader:
 
     async def _upload(self, m: MirrorState, node: Inode, path: bytes,
                       old: RemoteCopy | None) -> None:
+        """Upload the cache file to ``path``; ``old``: what the mirror held at ``path``. A key
+        the file had before (it moved) stays recorded, owned, until _reconcile deletes it."""
         ino = node.ino
         if node.local != LOCAL_FULL:
             # Content only on other mirrors (a mirror added later, or a lost copy): the read
@@ -551,10 +635,6 @@ class Uploader:
                             res.size, node.mode, node.mtime_ns)
             self.reg.set_remote(txn, idx, ino, rc)
             self.reg.clear_pending(txn, idx, ino, path)
-            if old is not None and old.path != path:
-                # the old key is no longer recorded as ours: its delete is recorded instead,
-                # in this transaction (also when the file changed during the upload)
-                self.reg.set_pending(txn, idx, ino, old.path, PEND_DELETE, old.hash)
             bump_counter(txn, self.reg.counters, b"m%d.uploads" % idx, 1)
             bump_counter(txn, self.reg.counters, b"m%d.upload_bytes" % idx, res.size)
             if same and cur is not None:
@@ -566,10 +646,5 @@ class Uploader:
                                           and old.hash.strip(b"\0")) else None
                 self._emit(txn, m, "put", path, hash=whole, prev=prev, size=size,
                            mtime=node.mtime_ns, mode=node.mode & 0o7777, chunks=chunks.hex())
-        if old is not None and old.path != path:
-            crash_point("upload-recorded")
-            with self.reg.db.begin() as txn:
-                pending = self.reg.pending_ops(txn, idx, ino)
-            await self._settle_pending(m, ino, path, rc, pending)
         if changed:
             raise Defer("file changed during upload; uploading again", 0.5)

@@ -2,7 +2,7 @@
 
 Every test uses ordinary file calls from this process (or a forked child running as another
 user) on the mount path; the daemon serving the mount runs in a subprocess (see mountutil).
-Documented choices shown here: hard links are refused with EPERM (mirrors key objects by path),
+Documented choices shown here: hard links of directories are refused with EPERM,
 RENAME_EXCHANGE is refused with EINVAL, and extended attributes are off unless ``xattrs = true``
 (the kernel then answers ENOTSUP for the whole mount).
 """
@@ -311,6 +311,55 @@ def test_mkdir_rmdir(mnt: Mount) -> None:
     expect_errno(errno.ENOENT, os.rmdir, d)
 
 
+class _Dirent(ctypes.Structure):
+    # glibc's struct dirent on Linux with 64-bit ino_t/off_t
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def raw_readdir(path: Path) -> list[tuple[bytes, int]]:
+    """(name, d_ino) of every entry readdir(3) returns, "." and ".." included (os.listdir
+    and os.scandir drop those)."""
+    _libc.opendir.restype = ctypes.c_void_p
+    _libc.opendir.argtypes = [ctypes.c_char_p]
+    _libc.readdir.restype = ctypes.POINTER(_Dirent)
+    _libc.readdir.argtypes = [ctypes.c_void_p]
+    _libc.closedir.argtypes = [ctypes.c_void_p]
+    d = _libc.opendir(os.fsencode(path))
+    if not d:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    out = []
+    try:
+        while True:
+            ent = _libc.readdir(d)
+            if not ent:
+                break
+            out.append((ent.contents.d_name, ent.contents.d_ino))
+    finally:
+        _libc.closedir(d)
+    return out
+
+
+def test_readdir_dot_and_dotdot(mnt: Mount) -> None:
+    """readdir returns "." and ".." first, with the directory's and its parent's inode
+    numbers; the root's ".." is the root itself."""
+    m = mnt.path
+    os.makedirs(m / "a" / "b")
+    write_file(m / "a" / "f", b"x")
+    root, a, b = (os.stat(p).st_ino for p in (m, m / "a", m / "a" / "b"))
+    got = raw_readdir(m / "a")
+    assert got[:2] == [(b".", a), (b"..", root)]
+    assert sorted(got[2:]) == sorted([(b"b", b), (b"f", os.stat(m / "a" / "f").st_ino)])
+    assert raw_readdir(m / "a" / "b") == [(b".", b), (b"..", a)]
+    assert raw_readdir(m)[:2] == [(b".", root), (b"..", root)]
+    assert root == 1
+    # still right after the directory moved to another parent
+    os.rename(m / "a" / "b", m / "b2")
+    assert raw_readdir(m / "b2") == [(b".", b), (b"..", root)]
+
+
 def test_readdir_large_and_changing(mnt: Mount) -> None:
     """Every entry is listed exactly once, also while entries are removed during the listing
     (shutil.rmtree unlinks as it reads, as rm -r does on big directories)."""
@@ -503,15 +552,183 @@ def test_symlink_readlink(mnt: Mount) -> None:
     assert sorted(os.listdir(m)) == ["dangling", "target"]
 
 
-def test_hard_links_refused(mnt: Mount) -> None:
-    """Documented choice: mirrors key objects by path, so an inode has one name (EPERM)."""
-    write_file(mnt.path / "f", b"x")
-    expect_errno(errno.EPERM, os.link, mnt.path / "f", mnt.path / "g")
-    assert os.listdir(mnt.path) == ["f"]
-    assert os.stat(mnt.path / "f").st_nlink == 1
+def test_hard_links(mnt: Mount) -> None:
+    """One inode, several names: st_nlink counts them, a write through one shows through
+    all, unlinking or renaming one name leaves the others, across a remount too."""
+    m = mnt.path
+    os.mkdir(m / "d")
+    write_file(m / "f", b"shared")
+    os.link(m / "f", m / "g")
+    os.link(m / "g", m / "d" / "h")  # into another directory, from a link
+    st = os.stat(m / "f")
+    assert st.st_nlink == 3
+    assert {os.stat(p).st_ino for p in (m / "f", m / "g", m / "d" / "h")} == {st.st_ino}
+    assert os.stat(m / "d" / "h").st_nlink == 3
+    with open(m / "g", "r+b") as f:
+        f.write(b"SH")
+    assert (m / "f").read_bytes() == (m / "d" / "h").read_bytes() == b"SHared"
+    os.chmod(m / "d" / "h", 0o600)
+    assert stat.S_IMODE(os.stat(m / "f").st_mode) == 0o600
+    # errors: an existing name, a directory, a missing source
+    expect_errno(errno.EEXIST, os.link, m / "f", m / "g")
+    expect_errno(errno.EPERM, os.link, m / "d", m / "d2")
+    expect_errno(errno.ENOENT, os.link, m / "missing", m / "x")
+    # unlink of one name keeps the others
+    os.unlink(m / "f")
+    assert not (m / "f").exists()
+    assert os.stat(m / "g").st_nlink == 2
+    assert (m / "g").read_bytes() == b"SHared"
+    # rename of a name onto another name of the same inode does nothing (POSIX)
+    os.rename(m / "g", m / "d" / "h")
+    assert (m / "g").exists() and os.stat(m / "g").st_nlink == 2
+    # rename of a link to a new name moves that name only
+    os.rename(m / "d" / "h", m / "h2")
+    assert sorted(os.listdir(m / "d")) == []
+    assert os.stat(m / "h2").st_ino == st.st_ino and os.stat(m / "g").st_nlink == 2
+    # another file renamed over a link: the inode loses that name, keeps the other
+    write_file(m / "other", b"other")
+    os.rename(m / "other", m / "g")
+    assert (m / "g").read_bytes() == b"other" and os.stat(m / "g").st_nlink == 1
+    assert os.stat(m / "h2").st_nlink == 1 and (m / "h2").read_bytes() == b"SHared"
+    # link again, then everything survives a remount
+    os.link(m / "h2", m / "d" / "again")
+    remount(mnt)
+    assert os.stat(m / "h2").st_nlink == 2
+    assert os.stat(m / "d" / "again").st_ino == os.stat(m / "h2").st_ino
+    assert (m / "d" / "again").read_bytes() == b"SHared"
+    os.unlink(m / "h2")
+    os.unlink(m / "d" / "again")
+    assert sorted(os.listdir(m)) == ["d", "g"]
+    ino = st.st_ino
+    mnt.wait_for(lambda: not content_path(mnt, ino).exists(), timeout=5)
 
 
-# ----------------------------------------------------------------------------- metadata
+def test_hard_link_of_an_open_file(mnt: Mount) -> None:
+    """A file open for writing (not yet closed) gets a second name; what is written after
+    the link is there under both names; unlinking both leaves the open handle reading."""
+    m = mnt.path
+    fd = os.open(m / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"before ")
+        os.link(m / "f", m / "g")
+        os.write(fd, b"after")
+        assert os.fstat(fd).st_nlink == 2
+    finally:
+        os.close(fd)
+    assert (m / "g").read_bytes() == b"before after"
+    fd = os.open(m / "g", os.O_RDONLY)
+    try:
+        os.unlink(m / "f")
+        os.unlink(m / "g")
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 6, 0) == b"before"
+    finally:
+        os.close(fd)
+
+
+def test_cp_a_keeps_hard_links(mnt: Mount, tmp_path: Path) -> None:
+    """cp -a of a tree with hard links (it exited 1 when link() was refused), both into the
+    mount and from it: the copies are linked the same way."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"a" * 1000)
+    os.link(src / "a", src / "sub" / "a-link")
+    os.link(src / "a", src / "b")
+    (src / "single").write_bytes(b"single")
+    subprocess.run(["cp", "-a", str(src), str(mnt.path / "copy")], check=True)
+    c = mnt.path / "copy"
+    assert os.stat(c / "a").st_nlink == 3 and os.stat(c / "single").st_nlink == 1
+    assert os.stat(c / "a").st_ino == os.stat(c / "b").st_ino == \
+        os.stat(c / "sub" / "a-link").st_ino
+    assert (c / "sub" / "a-link").read_bytes() == b"a" * 1000
+    back = tmp_path / "back"
+    subprocess.run(["cp", "-a", str(c), str(back)], check=True)
+    assert os.stat(back / "b").st_ino == os.stat(back / "sub" / "a-link").st_ino
+    assert os.stat(back / "a").st_nlink == 3
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+
+
+def falloc(fd: int, mode: int, off: int, length: int) -> None:
+    fn = _libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fn(fd, mode, off, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_fallocate_modes(make_mount: MountFactory, tmp_path: Path) -> None:
+    """fallocate(2) through the kernel (pyfuse3 patched with the handler, tools/patches):
+    mode 0 grows the file with zeros, KEEP_SIZE reserves blocks in the cache file without
+    growing it, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE zero a range (the cache is on ext4,
+    which has them all); other modes are EOPNOTSUPP. The changed file is uploaded."""
+    from tests.test_mirrors import drain, tree
+
+    (tmp_path / "dm").mkdir()
+    m = make_mount({"dir": {"type": "dir", "path": str(tmp_path / "dm")}}, upload_delay=0)
+    p = m.path / "f"
+    data = bytearray(os.urandom(256 * 1024))
+    write_file(p, bytes(data))
+    ino = os.stat(p).st_ino
+    fd = os.open(p, os.O_RDWR)
+    try:
+        falloc(fd, 0, len(data), 64 * 1024)  # past the end: grows, zeros
+        data += bytes(64 * 1024)
+        assert os.fstat(fd).st_size == len(data)
+        falloc(fd, FALLOC_FL_KEEP_SIZE, 0, 4 << 20)  # reserve 4 MiB, size unchanged
+        st = os.fstat(fd)
+        assert st.st_size == len(data)
+        assert st.st_blocks * 512 >= 4 << 20, st.st_blocks
+        assert content_path(m, ino).stat().st_blocks * 512 >= 4 << 20
+        falloc(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8192, 16384)
+        data[8192:8192 + 16384] = bytes(16384)
+        falloc(fd, FALLOC_FL_ZERO_RANGE, 100_000, 5000)
+        data[100_000:105_000] = bytes(5000)
+        for mode in (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE):
+            expect_errno(errno.EOPNOTSUPP, falloc, fd, mode, 0, 4096)
+        assert os.pread(fd, len(data) + 10, 0) == bytes(data)
+    finally:
+        os.close(fd)
+    assert os.stat(p).st_size == len(data)
+    assert p.read_bytes() == bytes(data)
+    drain(m)
+    assert tree(tmp_path / "dm") == {"f": bytes(data)}
+    # posix_fallocate(3) (glibc calls fallocate mode 0) on a new file
+    fd = os.open(m.path / "g", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 100_000)
+    finally:
+        os.close(fd)
+    assert (m.path / "g").read_bytes() == bytes(100_000)
+    drain(m)
+    assert tree(tmp_path / "dm")["g"] == bytes(100_000)
+
+
+def test_fallocate_counts_against_the_dirty_bound(make_mount: MountFactory, ftp: Any) -> None:
+    """A reservation is counted like a write of that many bytes: with the only mirror down
+    and dirty_limit 8 MiB, reserving 16 MiB is ENOSPC and reserves nothing; 1 MiB is fine."""
+    m = make_mount({"ftp": {"type": "ftp", **ftp.options(timeout=2)}}, upload_delay=0,
+                   dirty_limit=8 << 20)
+    from tests.test_mirrors import admin
+
+    m.expect_log(r"unreachable")
+    ftp.stop()
+    write_file(m.path / "x", b"x")  # its upload finds the mirror down
+    m.wait_for(lambda: admin(m, "stats")["mirrors"]["ftp"]["up"] is False, timeout=60)
+    fd = os.open(m.path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        expect_errno(errno.ENOSPC, falloc, fd, FALLOC_FL_KEEP_SIZE, 0, 16 << 20)
+        assert os.fstat(fd).st_blocks * 512 < 1 << 20
+        falloc(fd, FALLOC_FL_KEEP_SIZE, 0, 1 << 20)
+        assert os.fstat(fd).st_blocks * 512 >= 1 << 20
+    finally:
+        os.close(fd)
+    assert os.stat(m.path).st_mode  # the daemon is alive
 
 
 def test_chmod_chown_utimens(mnt: Mount) -> None:

@@ -17,7 +17,14 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
 ``mirrors``   mirror name (utf-8) -> >H mirror index (stable across restarts and config edits).
 ``jobs``      >H mirror + >Q ino -> :class:`Job`: this mirror must be reconciled with this inode.
 ``queue``     >H mirror + >d due (wall clock) + >Q ino -> b"": jobs not claimed, by due time.
-``remote``    >H mirror + >Q ino -> :class:`RemoteCopy`: what the mirror holds for the inode.
+``links``     >Q ino + >Q parent + name bytes -> b"": every name of an inode that has more than
+              one (hard links, nlink > 1). An inode with one name has no entry here: its name
+              is ``Inode.parent``/``Inode.name``, which for a linked inode is one of these
+              (its *primary* name, used where one path is enough: logs, URLs).
+``remote``    >H mirror + >Q ino + path bytes -> :class:`RemoteCopy`: an object the mirror
+              holds for the inode, one per key (a file with hard links has one per path the
+              mirror wants). Records written before hard links existed are keyed by
+              >H mirror + >Q ino alone; the path is in every value, so both read the same.
 ``rpath``     >H mirror + path bytes -> >Q ino: which inode owns the object at that path.
 ``counters``  name bytes -> >q, kept up to date in the same transaction as each change.
 ``cursors``   mirror identity -> bytes: pull/import cursors.
@@ -26,15 +33,17 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
               change log (multi-node; see mirrorfs/pull.py).
 ``pending``   >H mirror + >Q ino + key bytes -> kind (1 byte) + xxh3_128 (16 bytes): a step of
               a multi-step remote operation of that inode's job that is not finished yet. It
-              is written in the transaction before the remote step (or, for an old key, in
-              the one that records the new key) and removed in the transaction after it, so
-              that no object on a mirror is ever owned by nothing. While an inode has one, its
+              is written in the transaction before the remote step and removed in the
+              transaction after it, so that no object on a mirror is ever owned by nothing.
+              (A key a file moved away from is not one: it stays in ``remote``, owned, until
+              the job deletes it.) While an inode has one, its
               job is kept (a restart or a retry carries it out; see uploader._settle_pending):
 
-              ``PEND_DELETE`` the inode's object moved to another key (upload of a renamed or
-              replaced file): the object at this key must be deleted, unless another inode
-              owns the key by then. The hash is the old object's.
-              ``PEND_UPLOAD`` an upload to this key was started and is not recorded yet: if
+              ``PEND_DELETE`` the object at this key must be deleted, unless another inode
+              owns the key by then. The hash is the old object's. (Not written any more: an
+              old key stays in ``remote``; a record found is still carried out.)
+              ``PEND_UPLOAD`` an upload (or a server-side copy, for a hard link) to this key
+              was started and is not recorded yet: if
               the inode no longer wants the key when the job runs again, whatever the upload
               left there is deleted (unless another inode owns the key).
               ``PEND_RENAME`` a server-side rename to this key was started (S3: copy, then
@@ -180,7 +189,8 @@ class Database:
     """
 
     NAMES = ("meta", "inodes", "dentries", "xattrs", "chunks", "mirrors", "jobs", "queue",
-             "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "pending")
+             "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "pending",
+             "links")
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = 1 << 36) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)

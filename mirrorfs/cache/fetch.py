@@ -469,12 +469,15 @@ class Fetcher:
         idx = self._index(src.name)
         for _ in range(MOVE_WAITS):
             with self.reg.db.begin() as txn:
-                rc = self.reg.remote_copy(txn, idx, dl.ino) if idx is not None else None
-            if rc is None or (rc.ver and rc.ver != dl.ver):
+                copies = self.reg.remote_copies(txn, idx, dl.ino) if idx is not None else []
+            # (a file with hard links has one object per path: any of them will do)
+            copies = [rc for rc in copies if not rc.ver or rc.ver == dl.ver]
+            if not copies:
                 return None
-            key = os.fsdecode(rc.path)
-            if key != src.key:
-                return key
+            for rc in copies:
+                key = os.fsdecode(rc.path)
+                if key != src.key:
+                    return key
             await trio.sleep(MOVE_WAIT)
         return None
 

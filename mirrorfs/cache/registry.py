@@ -4,8 +4,11 @@ Owns the namespace. Each public method is one short, synchronous LMDB write tran
 changes metadata, touches the journal for every mirror that must hear of it, and updates the
 counters -- all or nothing. Nothing here awaits; callers in the trio thread call it inline.
 
-Hard links are not supported (EPERM): objects on the mirrors are keyed by path, and one inode
-has exactly one (parent, name). Symlinks live in the registry only; mirrors do not get them.
+Hard links: an inode may have several names (``nlink``); with more than one, every name is
+in the ``links`` db and ``Inode.parent``/``name`` is one of them. Mirrors key objects by path,
+so a linked file is one object per path there (see uploader.py); its content, chunk hashes and
+cache file are the inode's, shared. Directories have one name (link(2) of one is EPERM).
+Symlinks live in the registry only; mirrors do not get them.
 renameat2's RENAME_NOREPLACE is supported; RENAME_EXCHANGE is not (EINVAL, as on filesystems
 without it): swapping two paths would need two mirror renames through a temporary name.
 """
@@ -45,6 +48,7 @@ from mirrorfs.cache.journal import Journal
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 NAME_MAX = 255
+LINK_MAX = 65000  # names of one inode (ext4 allows 65000)
 
 
 class FsError(OSError):
@@ -105,6 +109,7 @@ class Registry:
         self.counters = db.db["counters"]
         self.remote = db.db["remote"]
         self.chunks = db.db["chunks"]
+        self.links = db.db["links"]
         self.is_open: Callable[[int], bool] = lambda ino: False
         self._ensure_root()
 
@@ -155,9 +160,38 @@ class Registry:
             return list(self.children_txn(txn, ino))
 
     def path_txn(self, txn: lmdb.Transaction, node: Inode) -> bytes:
-        """The path under the mount, as the mirrors key it (no leading slash)."""
-        parts = [node.name]
-        parent = node.parent
+        """The path under the mount, as the mirrors key it (no leading slash). For an inode
+        with hard links: its primary name's (:meth:`paths_txn` gives them all)."""
+        return self.path_at(txn, node.parent, node.name)
+
+    def names_txn(self, txn: lmdb.Transaction, node: Inode) -> list[tuple[int, bytes]]:
+        """Every (parent, name) of ``node``: none for an unlinked one."""
+        if node.nlink == 0 or node.flags & F_ORPHAN:
+            return []
+        if node.nlink == 1 or stat.S_ISDIR(node.mode):
+            return [(node.parent, node.name)]
+        key = U64.pack(node.ino)
+        out = []
+        cur = txn.cursor(db=self.links)
+        if cur.set_range(key):
+            for k in cur.iternext(keys=True, values=False):
+                if k[:8] != key:
+                    break
+                out.append((U64.unpack(k[8:16])[0], bytes(k[16:])))
+        return out
+
+    def paths_txn(self, txn: lmdb.Transaction, node: Inode) -> list[bytes]:
+        """Every path of ``node`` (one per hard link), primary first; none if unlinked."""
+        paths = [self.path_at(txn, p, n) for p, n in self.names_txn(txn, node)]
+        primary = self.path_txn(txn, node)
+        if len(paths) > 1 and primary in paths:
+            paths.remove(primary)
+            paths.insert(0, primary)
+        return paths
+
+    def path_at(self, txn: lmdb.Transaction, parent: int, name: bytes) -> bytes:
+        """The path of entry ``name`` in directory ``parent``."""
+        parts = [name]
         while parent != ROOT_INO:
             p = self.get_txn(txn, parent)
             if p is None:
@@ -178,26 +212,53 @@ class Registry:
     def is_dirty_txn(self, txn: lmdb.Transaction, ino: int) -> bool:
         return self.journal.has_jobs(txn, [m.index for m in self.mirrors], ino)
 
-    def remote_copy(self, txn: lmdb.Transaction, mirror: int, ino: int) -> RemoteCopy | None:
-        v = txn.get(MQ.pack(mirror, ino), db=self.remote)
-        return RemoteCopy.unpack(v) if v else None
+    def _copy_records(self, txn: lmdb.Transaction, mirror: int,
+                      ino: int) -> list[tuple[bytes, RemoteCopy]]:
+        prefix = MQ.pack(mirror, ino)
+        out = []
+        cur = txn.cursor(db=self.remote)
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if k[:10] != prefix:
+                    break
+                out.append((bytes(k), RemoteCopy.unpack(v)))
+        return out
+
+    def remote_copies(self, txn: lmdb.Transaction, mirror: int, ino: int) -> list[RemoteCopy]:
+        """Every object ``mirror`` holds for ``ino`` (one per key; several for hard links)."""
+        return [rc for _k, rc in self._copy_records(txn, mirror, ino)]
+
+    def remote_copy(self, txn: lmdb.Transaction, mirror: int, ino: int,
+                    path: bytes | None = None) -> RemoteCopy | None:
+        """The object at ``path``; without a path, any one holding the newest version (what
+        a reader needs: every path of an inode has its content)."""
+        copies = self.remote_copies(txn, mirror, ino)
+        if path is not None:
+            return next((rc for rc in copies if rc.path == path), None)
+        return max(copies, key=lambda rc: rc.ver, default=None)
+
+    def has_copy(self, txn: lmdb.Transaction, mirror: int, ino: int) -> bool:
+        cur = txn.cursor(db=self.remote)
+        prefix = MQ.pack(mirror, ino)
+        return cur.set_range(prefix) and cur.key()[:10] == prefix
 
     # ----------------------------------------------------------------- journaling
 
     def _put(self, txn: lmdb.Transaction, node: Inode) -> None:
         txn.put(U64.pack(node.ino), node.pack(), db=self.inodes)
 
-    def _journal(self, txn: lmdb.Transaction, node: Inode, path: bytes | None,
-                 delete: bool = False) -> None:
-        """Tell every mirror that must hear of it that ``node`` changed."""
+    def _journal(self, txn: lmdb.Transaction, node: Inode, delete: bool = False) -> None:
+        """Tell every mirror that must hear of it that ``node`` changed (at any of its
+        paths: a mirror that wants one of them, or holds or is working on any)."""
         if not stat.S_ISREG(node.mode):
             return  # symlinks, FIFOs, devices live in the registry only
+        paths = self.paths_txn(txn, node)
         was_dirty = self.is_dirty_txn(txn, node.ino)
         now = self.clock()
         touched = False
         for m in self.mirrors:
-            wanted = path is not None and m.wants(path)
-            known = (txn.get(MQ.pack(m.index, node.ino), db=self.remote) is not None
+            wanted = any(m.wants(p) for p in paths)
+            known = (self.has_copy(txn, m.index, node.ino)
                      or self.journal.get(txn, m.index, node.ino) is not None)
             if not (wanted or known):
                 continue
@@ -222,7 +283,7 @@ class Registry:
                 if stat.S_ISDIR(child.mode):
                     stack.append(child)
                 else:
-                    self._journal(txn, child, self.path_txn(txn, child))
+                    self._journal(txn, child)
 
     def touch_all(self, txn: lmdb.Transaction, mirror: MirrorRule, due: float,
                   batch_after: int = 0, limit: int = 0) -> tuple[int, int]:
@@ -235,8 +296,7 @@ class Registry:
             node = Inode.unpack(val)
             last = U64.unpack(key)[0]
             if stat.S_ISREG(node.mode) and not node.flags & F_ORPHAN:
-                path = self.path_txn(txn, node)
-                if mirror.wants(path):
+                if any(mirror.wants(p) for p in self.paths_txn(txn, node)):
                     was_dirty = self.is_dirty_txn(txn, node.ino)
                     self.journal.touch(txn, mirror.index, node.ino, due)
                     if not was_dirty:
@@ -273,8 +333,7 @@ class Registry:
         bump_counter(txn, self.counters, b"dirty_bytes", -node.size)
 
     def _has_remote(self, txn: lmdb.Transaction, ino: int) -> bool:
-        return any(txn.get(MQ.pack(m.index, ino), db=self.remote) is not None
-                   for m in self.mirrors)
+        return any(self.has_copy(txn, m.index, ino) for m in self.mirrors)
 
     # ----------------------------------------------------------------- changing
 
@@ -326,7 +385,7 @@ class Registry:
                 bump_counter(txn, self.counters, b"files", 1)
                 bump_counter(txn, self.counters, b"local_files", 1)
                 if not opened:
-                    self._journal(txn, node, self.path_txn(txn, node))
+                    self._journal(txn, node)
             self._put(txn, d)
         return node
 
@@ -359,8 +418,7 @@ class Registry:
             self.account_size(txn, node, old_size)
             self._put(txn, node)
             if journal and stat.S_ISREG(node.mode):
-                self._journal(txn, node, None if node.flags & F_ORPHAN
-                              else self.path_txn(txn, node))
+                self._journal(txn, node)
         return node
 
     def account_size(self, txn: lmdb.Transaction, node: Inode, old_size: int) -> None:
@@ -404,8 +462,7 @@ class Registry:
                 setattr(node, name, value)
             self.account_size(txn, node, old_size)
             self._put(txn, node)
-            self._journal(txn, node, None if node.flags & F_ORPHAN
-                          else self.path_txn(txn, node))
+            self._journal(txn, node)
         return node
 
     def set_local(self, txn: lmdb.Transaction, node: Inode, local: int) -> None:
@@ -423,6 +480,15 @@ class Registry:
         """Remove the entry; return True if the content file can be deleted now."""
         txn.delete(dentry_key(parent.ino, name), db=self.dentries)
         parent.mtime_ns = parent.ctime_ns = now
+        if not stat.S_ISDIR(node.mode) and node.nlink > 1:
+            # One of several names: the inode and its other names stay; the mirrors drop
+            # the object at this path (and only that one).
+            self._put(txn, parent)
+            self._drop_name(txn, node, parent.ino, name)
+            node.ctime_ns = now
+            self._put(txn, node)
+            self._journal(txn, node, delete=True)
+            return False
         if stat.S_ISDIR(node.mode):
             parent.nlink -= 1
             self._put(txn, parent)
@@ -448,10 +514,10 @@ class Registry:
         for m in self.mirrors:
             job = self.journal.get(txn, m.index, node.ino)
             if (job is not None and job.state != JOB_CLAIMED
-                    and txn.get(MQ.pack(m.index, node.ino), db=self.remote) is None
+                    and not self.has_copy(txn, m.index, node.ino)
                     and not self.has_pending(txn, m.index, node.ino)):
                 self.journal.drop(txn, m.index, node.ino)
-        self._journal(txn, node, None, delete=True)
+        self._journal(txn, node, delete=True)
         if not self.is_open(node.ino):
             if not self._has_remote(txn, node.ino) and not self.is_dirty_txn(txn, node.ino):
                 self._delete_record(txn, node)
@@ -468,20 +534,25 @@ class Registry:
 
     def unlink(self, parent: int, name: bytes, want_dir: bool) -> tuple[Inode, bool]:
         """unlink(2)/rmdir(2). Returns the inode and whether its content file may go now."""
-        now = now_ns()
         with self.db.begin(write=True) as txn:
-            d = self._dir_for_change(txn, parent)
-            node = self.lookup_txn(txn, parent, name)
-            if node is None:
-                raise FsError(errno.ENOENT)
-            is_dir = stat.S_ISDIR(node.mode)
-            if want_dir and not is_dir:
-                raise FsError(errno.ENOTDIR)
-            if not want_dir and is_dir:
-                raise FsError(errno.EISDIR)
-            if is_dir and next(self.children_txn(txn, node.ino), None) is not None:
-                raise FsError(errno.ENOTEMPTY)
-            gone = self._unlink_txn(txn, d, name, node, now)
+            return self.unlink_txn(txn, parent, name, want_dir)
+
+    def unlink_txn(self, txn: lmdb.Transaction, parent: int, name: bytes,
+                   want_dir: bool = False) -> tuple[Inode, bool]:
+        """:meth:`unlink` inside the caller's transaction."""
+        now = now_ns()
+        d = self._dir_for_change(txn, parent)
+        node = self.lookup_txn(txn, parent, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        is_dir = stat.S_ISDIR(node.mode)
+        if want_dir and not is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not want_dir and is_dir:
+            raise FsError(errno.EISDIR)
+        if is_dir and next(self.children_txn(txn, node.ino), None) is not None:
+            raise FsError(errno.ENOTEMPTY)
+        gone = self._unlink_txn(txn, d, name, node, now)
         return node, gone
 
     def supersede(self, txn: lmdb.Transaction, old: Inode) -> Inode | None:
@@ -519,10 +590,10 @@ class Registry:
         for k, v in xattrs:
             txn.put(k, v, db=self.xattrs)
         for m in self.mirrors:
-            rc = self.remote_copy(txn, m.index, old.ino)
-            if rc is not None:  # (the copies counters stay: one copy, another owner)
-                txn.delete(MQ.pack(m.index, old.ino), db=self.remote)
-                txn.put(MQ.pack(m.index, new.ino), rc.pack(), db=self.remote)
+            # (the copies counters stay: the same copies, another owner)
+            for k, rc in self._copy_records(txn, m.index, old.ino):
+                txn.delete(k, db=self.remote)
+                txn.put(MQ.pack(m.index, new.ino) + rc.path, rc.pack(), db=self.remote)
                 if self.rpath_owner(txn, m.index, rc.path) == old.ino:
                     txn.put(U16.pack(m.index) + rc.path, U64.pack(new.ino),
                             db=self.db.db["rpath"])
@@ -601,8 +672,14 @@ class Registry:
                     d_old = d_new
             txn.delete(dentry_key(p_old, n_old), db=self.dentries)
             txn.put(dentry_key(p_new, n_new), U64.pack(node.ino), db=self.dentries)
-            node.parent = p_new
-            node.name = n_new
+            if not is_dir and node.nlink > 1:  # one of its names moves; the others stay
+                txn.delete(self._link_key(node.ino, p_old, n_old), db=self.links)
+                txn.put(self._link_key(node.ino, p_new, n_new), b"", db=self.links)
+                if (node.parent, node.name) == (p_old, n_old):
+                    node.parent, node.name = p_new, n_new
+            else:
+                node.parent = p_new
+                node.name = n_new
             node.ctime_ns = now
             self._put(txn, node)
             d_old.mtime_ns = d_old.ctime_ns = now
@@ -616,8 +693,54 @@ class Registry:
             if is_dir:
                 self.journal_subtree(txn, node)
             else:
-                self._journal(txn, node, self.path_txn(txn, node))
+                self._journal(txn, node)
         return node, target, replaced_gone
+
+    # ----------------------------------------------------------------- hard links
+
+    @staticmethod
+    def _link_key(ino: int, parent: int, name: bytes) -> bytes:
+        return U64.pack(ino) + U64.pack(parent) + name
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        """link(2): another name for ``ino``. On the mirrors the new path becomes an object
+        of its own with the inode's content (journaled like any change of the inode)."""
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        now = now_ns()
+        with self.db.begin(write=True) as txn:
+            d = self._dir_for_change(txn, parent)
+            node = self._must(txn, ino)
+            if stat.S_ISDIR(node.mode):
+                raise FsError(errno.EPERM)
+            if node.nlink == 0 or node.flags & F_ORPHAN:
+                raise FsError(errno.ENOENT)  # linkat of an unlinked open file (no AT_EMPTY_PATH)
+            if txn.get(dentry_key(parent, name), db=self.dentries) is not None:
+                raise FsError(errno.EEXIST)
+            if node.nlink >= LINK_MAX:
+                raise FsError(errno.EMLINK)
+            if node.nlink == 1:
+                txn.put(self._link_key(ino, node.parent, node.name), b"", db=self.links)
+            txn.put(self._link_key(ino, parent, name), b"", db=self.links)
+            txn.put(dentry_key(parent, name), U64.pack(ino), db=self.dentries)
+            node.nlink += 1
+            node.ctime_ns = now
+            self._put(txn, node)
+            d.mtime_ns = d.ctime_ns = now
+            self._put(txn, d)
+            self._journal(txn, node)
+        return node
+
+    def _drop_name(self, txn: lmdb.Transaction, node: Inode, parent: int, name: bytes) -> None:
+        """``node`` (nlink > 1) loses the name ``name`` in ``parent``; the caller puts it."""
+        txn.delete(self._link_key(node.ino, parent, name), db=self.links)
+        node.nlink -= 1
+        rest = self.names_txn(txn, node.copy(nlink=2))  # what the links db still holds
+        if (node.parent, node.name) == (parent, name) and rest:
+            node.parent, node.name = rest[0]
+        if node.nlink == 1:  # one name again: it lives in the inode alone
+            for p, n in rest:
+                txn.delete(self._link_key(node.ino, p, n), db=self.links)
 
     # ----------------------------------------------------------------- xattrs
 
@@ -673,15 +796,16 @@ class Registry:
         v = txn.get(U16.pack(mirror) + path, db=self.db.db["rpath"])
         return U64.unpack(v)[0] if v else None
 
-    def drop_remote(self, txn: lmdb.Transaction, mirror: int, ino: int,
-                    path: bytes | None) -> None:
-        """Forget what ``mirror`` holds for ``ino`` (and its key, if ``ino`` still owns it)."""
-        rc = self.remote_copy(txn, mirror, ino)
-        if rc is not None:
-            txn.delete(MQ.pack(mirror, ino), db=self.remote)
-            bump_counter(txn, self.counters, b"m%d.copies" % mirror, -1)
-            bump_counter(txn, self.counters, b"m%d.copy_bytes" % mirror, -rc.size)
-        if path is not None and self.rpath_owner(txn, mirror, path) == ino:
+    def drop_remote(self, txn: lmdb.Transaction, mirror: int, ino: int, path: bytes,
+                    owned: bool = True) -> None:
+        """Forget the object ``mirror`` holds for ``ino`` at ``path`` (and the key, if
+        ``ino`` still owns it and ``owned``)."""
+        for k, rc in self._copy_records(txn, mirror, ino):
+            if rc.path == path:
+                txn.delete(k, db=self.remote)
+                bump_counter(txn, self.counters, b"m%d.copies" % mirror, -1)
+                bump_counter(txn, self.counters, b"m%d.copy_bytes" % mirror, -rc.size)
+        if owned and self.rpath_owner(txn, mirror, path) == ino:
             txn.delete(U16.pack(mirror) + path, db=self.db.db["rpath"])
 
     # Unfinished multi-step remote operations of an inode's job (the ``pending`` db).
@@ -717,11 +841,10 @@ class Registry:
             self.set_pending(txn, mirror, new, key, kind, digest)
 
     def set_remote(self, txn: lmdb.Transaction, mirror: int, ino: int, rc: RemoteCopy) -> None:
-        """Record that ``mirror`` holds ``rc`` for ``ino``, owning key ``rc.path``."""
-        old = self.remote_copy(txn, mirror, ino)
-        if old is not None:
-            self.drop_remote(txn, mirror, ino, old.path if old.path != rc.path else None)
-        txn.put(MQ.pack(mirror, ino), rc.pack(), db=self.remote)
+        """Record that ``mirror`` holds ``rc`` for ``ino``, owning key ``rc.path``. Copies
+        at other keys stay recorded (other hard links, or an old key still to delete)."""
+        self.drop_remote(txn, mirror, ino, rc.path, owned=False)
+        txn.put(MQ.pack(mirror, ino) + rc.path, rc.pack(), db=self.remote)
         txn.put(U16.pack(mirror) + rc.path, U64.pack(ino), db=self.db.db["rpath"])
         bump_counter(txn, self.counters, b"m%d.copies" % mirror, 1)
         bump_counter(txn, self.counters, b"m%d.copy_bytes" % mirror, rc.size)

@@ -183,6 +183,15 @@ class Remote(abc.ABC):
 
         ``size``: the object's size if the caller knows it (lets S3 skip a HEAD request)."""
 
+    #: whether :meth:`copy` copies on the server (else the uploader uploads the file again)
+    server_copy: bool = False
+
+    async def copy(self, src: str, dst: str, size: int | None = None) -> None:
+        """Copy ``src`` to ``dst`` on the server, replacing ``dst``, metadata included.
+        NotFound if src is gone. Only where :attr:`server_copy` says so (hard links: every
+        path of an inode is an object of its own)."""
+        raise NotImplementedError(f"{type(self).__name__} has no server-side copy")
+
     @abc.abstractmethod
     async def list(self, prefix: str = "", cursor: str | None = None,
                    limit: int = 1000) -> ListPage:

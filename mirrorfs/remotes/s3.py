@@ -516,6 +516,23 @@ class S3Remote(Remote):
         crash_point("s3-copied")
         await self._s3("delete_object", f"rename {src}", Key=sfull)
 
+    server_copy = True
+
+    @retry()
+    async def copy(self, src: str, dst: str, size: int | None = None) -> None:
+        """CopyObject with the metadata kept (one request under the single-copy limit; a
+        HEAD and a multipart copy above it)."""
+        sfull, dfull = self._full(src), self._full(dst)
+        if sfull == dfull:
+            return
+        if size is not None and size <= self.copy_limit:
+            await self._s3("copy_object", f"copy {sfull} to {dfull}", Key=dfull,
+                           CopySource={"Bucket": self.bucket, "Key": sfull},
+                           MetadataDirective="COPY", **self._storage())
+            return
+        head = await self._s3("head_object", f"copy {src}", Key=sfull)
+        await self._copy(sfull, dfull, head, None)
+
     async def _copy(self, sfull: str, dfull: str, head: dict[str, Any],
                     meta: ObjectMeta | None) -> None:
         """Copy an object server-side; ``meta`` replaces the metadata if given."""
