@@ -224,7 +224,7 @@ def test_audit_refills_an_emptied_mirror_by_itself(make_mount: Any, s3: Any, tmp
             shutil.rmtree(entry.path)
         def read() -> dict[str, bytes]:
             return tree(tmp_path / "dm")
-    assert read() == {}
+    # (no check that the mirror reads empty now: an audit due meanwhile may already refill it)
     # no command: the next audit finds the objects missing and queues them again ...
     m.wait_for(lambda: admin(m, "stats")["mirrors"][mirror]["audit_missing"] == len(files)
                or read() == files, timeout=60, interval=0.1)
