@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 STAT_NAMES = ("files", "dirs", "symlinks", "bytes", "local_files", "local_bytes",
               "dirty_files", "dirty_bytes", "hits", "misses", "downloads", "download_bytes",
               "evictions", "evicted_bytes", "verify_failures", "whole_hash_downloads",
-              "unverified_downloads", "read_errors")
+              "unverified_downloads", "read_errors", "quarantined")
 MIRROR_STAT_NAMES = ("jobs", "failed", "copies", "copy_bytes", "uploads", "upload_bytes",
                      "deletes", "renames", "last_success")
 
@@ -130,6 +130,9 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
     from mirrorfs.pull import sync_stats
 
     out["pull"] = sync_stats(d)
+    # per supervised task: restarts after an unexpected exception (see workers.Supervisor)
+    out["tasks"] = d.supervisor.stats() if d.supervisor is not None else {}
+    out["task_restarts"] = sum(t["restarts"] for t in out["tasks"].values())
     out["cache_size"] = d.cfg.cache_size
     out["dirty_limit"] = d.cfg.dirty_limit
     out["online"] = d.uploader is not None

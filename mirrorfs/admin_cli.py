@@ -20,7 +20,7 @@ from mirrorfs.control import ControlClient
 from mirrorfs.errors import ConfigError
 
 OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url",
-              "conflicts"}
+              "conflicts", "problems"}
 
 
 class AdminError(Exception):
@@ -103,6 +103,12 @@ def print_stats(s: dict[str, Any]) -> None:
           f"verify failures {s['verify_failures']:,}")
     print(f"journal       {s['journal_length']:,} pending jobs"
           + ("" if s.get("online") else "   (daemon not running)"))
+    if s.get("task_restarts") or s.get("quarantined"):
+        failed = ", ".join(f"{n} {t['restarts']}" for n, t in s.get("tasks", {}).items()
+                           if t["restarts"])
+        print(f"problems      {s.get('quarantined', 0):,} quarantined (mirrorfs problems)"
+              f"   task restarts {s.get('task_restarts', 0):,}"
+              + (f" ({failed})" if failed else ""))
     if s["mirrors"]:
         print()
         print(f"{'mirror':<14}{'state':<9}{'uploaded':>10}{'bytes':>12}{'pending':>9}"
@@ -191,9 +197,9 @@ def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
         async def progress(p: dict[str, Any]) -> None:
             Progress()(p)
 
-        from mirrorfs.pull import cmd_conflicts
+        from mirrorfs.pull import cmd_conflicts, cmd_problems
 
-        commands = {**COMMANDS, "conflicts": cmd_conflicts}
+        commands = {**COMMANDS, "conflicts": cmd_conflicts, "problems": cmd_problems}
         return trio.run(commands[cmd], d, req, progress)
     finally:
         db.flush()
@@ -305,6 +311,19 @@ def a_conflicts(args: argparse.Namespace) -> int:
     return 0
 
 
+def a_problems(args: argparse.Namespace) -> int:
+    result = call(args, "problems")
+    if args.json:
+        emit(args, result)
+        return 0
+    for p in result:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["time"]))
+        where = f"line {p['line']}" if p["line"] else "whole object"
+        print(f"{when}  {p['kind']} {p['object']} ({where}, mirror {p['mirror']}): "
+              f"{p['problem']}")
+    return 0
+
+
 def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     def cmd(name: str, fn: Any, help: str, paths: bool = False,
             mirror: str | None = None) -> argparse.ArgumentParser:
@@ -367,6 +386,8 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     cmd("pull", simple("pull", mirror="mirror"),
         "apply other nodes' changes now (mirrors with pull = true)", mirror="optional")
     cmd("conflicts", a_conflicts, "the conflict log: what lost, and where it was kept")
+    cmd("problems", a_problems, "input from the mirrors that was quarantined (bad change-log "
+        "records)")
     p = cmd("url", a_url, "public URL of a file on a mirror")
     p.add_argument("path")
     p.add_argument("mirror", nargs="?")

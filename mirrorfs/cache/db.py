@@ -20,6 +20,8 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
 ``conflicts`` >d time + >Q ino -> utf-8 JSON line.
 ``outbox``    >H mirror + >Q seq -> utf-8 JSON change record not yet published to the mirror's
               change log (multi-node; see mirrorfs/pull.py).
+``problems``  b"pull:" + mirror identity + ":" + object key + b"\0" + >Q line (0: the whole
+              object) -> utf-8 JSON: input from a mirror that was quarantined (pull.py).
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ class Database:
     """
 
     NAMES = ("meta", "inodes", "dentries", "xattrs", "chunks", "mirrors", "jobs", "queue",
-             "remote", "rpath", "counters", "cursors", "conflicts", "outbox")
+             "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "problems")
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = 1 << 36) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
