@@ -263,11 +263,20 @@ def simple(cmd: str, **fields: str) -> Any:
     def fn(args: argparse.Namespace) -> int:
         req = {k: getattr(args, v) for k, v in fields.items()}
         result = call(args, cmd, **req)
+        bad: list[dict[str, str]] = []  # items a batch command skipped (import, move)
+        if isinstance(result, dict):
+            for k in ("skipped", "failed"):
+                if isinstance(result.get(k), list):
+                    bad += result[k] if args.json else result.pop(k)
         emit(args, result, None if args.json else " ".join(
             f"{k}: {v}" for k, v in result.items()) if isinstance(result, dict) else None)
+        for item in bad:
+            name = item.get("key", item.get("path", ""))
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            print(f"mirrorfs {cmd}: skipped {shown!r}: {item['reason']}", file=sys.stderr)
         if cmd == "drain" and isinstance(result, dict) and not result.get("drained"):
             return 1
-        return 0
+        return 1 if bad else 0
 
     return fn
 

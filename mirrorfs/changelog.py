@@ -39,14 +39,12 @@ from typing import Any
 
 from mirrorfs.errors import BadRecord
 from mirrorfs.maintenance import safe_key
-from mirrorfs.remotes.base import CHUNK_SIZE
+from mirrorfs.remotes.base import CHUNK_SIZE, MAX_FILE_SIZE
 
 #: most bytes of one change-log object read into memory; bigger ones are quarantined whole
 MAX_LOG_OBJECT = 64 << 20
 #: records per change-log object (the publisher writes batches of at most this many)
 PUBLISH_BATCH = 1000
-#: largest file size a record may carry (above S3's 5 TiB object limit; bounds ``chunks``)
-MAX_FILE_SIZE = 1 << 43
 MAX_PATH = 4096
 RESERVED = b".mirrorfs"
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1

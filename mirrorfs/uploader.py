@@ -286,7 +286,9 @@ class Uploader:
             log.error("mirror %s: %s (inode %d marked failed)", m.rule.name, exc, ino)
             with self.reg.db.begin(write=True) as txn:
                 self.reg.journal.fail(txn, idx, ino, seq, str(exc))
-        except (RemoteError, NotFound, trio.TooSlowError, OSError) as exc:
+        except (MirrorfsError, trio.TooSlowError, OSError) as exc:
+            # RemoteError, NotFound, and what fetching the content for another mirror met:
+            # NoGoodCopy, LocalDiskError (each says whose problem it is)
             if isinstance(exc, RemoteUnavailable) and m.up:
                 log.warning("mirror %s is unreachable (%s); its queue waits", m.rule.name, exc)
                 m.up = False

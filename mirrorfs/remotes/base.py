@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Size of the chunks whose xxhash is recorded at upload; reads are verified per chunk.
 CHUNK_SIZE = 4 * 1024 * 1024
+#: largest object size believed from a mirror (above S3's 5 TiB object limit): a listing or a
+#: change-log record with more is hostile or broken
+MAX_FILE_SIZE = 1 << 43
 
 #: Object metadata names (S3 user metadata keys; other remotes may keep them elsewhere).
 META_HASH = "mirrorfs-xxh3"
