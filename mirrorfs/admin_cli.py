@@ -273,7 +273,7 @@ def simple(cmd: str, **fields: str) -> Any:
         for item in bad:
             name = item.get("key", item.get("path", ""))
             shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            print(f"mirrorfs {cmd}: skipped {shown!r}: {item['reason']}", file=sys.stderr)
+            print(f"mirrorfs {cmd}: skipped '{shown}': {item['reason']}", file=sys.stderr)
         if cmd == "drain" and isinstance(result, dict) and not result.get("drained"):
             return 1
         return 1 if bad else 0
