@@ -216,7 +216,7 @@ def test_malformed_change_log_records_are_quarantined_and_the_rest_applied(
     for m in nodes:
         first = m.wait_for(lambda m=m: admin(m, "stats")["pull"]["shared"]["last_pull"],
                            timeout=30, interval=0.2)
-        m.wait_for(lambda m=m: admin(m, "stats")["pull"]["shared"]["last_pull"] > first,
+        m.wait_for(lambda m=m, t=first: admin(m, "stats")["pull"]["shared"]["last_pull"] > t,
                    timeout=30, interval=0.2)
     c = s3.client()
     seq = [1]
@@ -375,7 +375,8 @@ def test_failed_write_leaves_no_data_in_the_debug_log(
     m = make_mount({"dir": {"type": "dir", "path": str(tmp_path / "dm")}},
                    cache_dir=str(small_data_dir), min_free=0, log_level="DEBUG", paused=True)
     m.expect_log(r"No space left|disk is full|ENOSPC")
-    secret = b"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYzz" + os.urandom(8).hex().encode()
+    secret = (b"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYzz"
+              + os.urandom(8).hex().encode())
     _fill(small_data_dir / "data" / "filler")
     with pytest.raises(OSError) as info:
         with open(m.path / "creds.env", "wb") as f:
