@@ -60,6 +60,7 @@ from mirrorfs.cache.db import (
     U64,
     Inode,
     RemoteCopy,
+    bump_counter,
     get_counter,
     set_counter,
 )
@@ -336,11 +337,9 @@ class Sync:
                      "object": key, "line": line, "seq": seq, "problem": problem,
                      "excerpt": raw[:EXCERPT].decode("utf-8", "backslashreplace")}
             txn.put(pkey, json.dumps(entry).encode(), db=problems)
-            from mirrorfs.cache.db import bump_counter
-
             bump_counter(txn, self.d.reg.counters, b"quarantined", 1)
-        log.warning("pull from %s: %s quarantined (%s%s): %s", self.cfg.name, key,
-                    f"line {line}" if line else "whole object", f", node {node!r}", problem)
+        log.warning("pull from %s: %s (%s, node %r) quarantined: %s", self.cfg.name, key,
+                    f"line {line}" if line else "whole object", node, problem)
 
     # ------------------------------------------------------------ applying one record
 

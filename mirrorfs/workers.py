@@ -156,8 +156,7 @@ class Supervisor:
 def _restartable(exc: BaseException) -> bool:
     """An exception a task may be restarted after: not our own cancellation (shutdown), not
     KeyboardInterrupt/SystemExit, not a FatalError anywhere in an exception group."""
-    if math.isinf(trio.current_effective_deadline()) and \
-            trio.current_effective_deadline() < 0:
+    if trio.current_effective_deadline() == -math.inf:
         return False  # the nursery is being cancelled: whatever the task raised, stop
     if isinstance(exc, BaseExceptionGroup):
         leaves = list(_leaves(exc))

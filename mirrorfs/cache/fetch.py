@@ -318,17 +318,20 @@ class Fetcher:
         if self.space is not None:
             self.space.make_room(node.size)
             self.space.downloading += node.size
+        fd = -1
         try:
             fd = os.open(self.store.part_path(node.ino),
                          os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600)
+            os.ftruncate(fd, node.size)  # sparse: no space taken yet
         except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
             if self.space is not None:
                 self.space.downloading -= node.size
             err = LocalDiskError(exc, f"cannot create the download file of inode {node.ino}")
             log.error("local disk problem, not a mirror problem: %s", err)
             raise err from None
-        os.ftruncate(fd, node.size)  # sparse: no space taken yet
         dl = Download(node.ino, node.ver, node.size, fd, expected, whole, sources)
         dl.verified = bytearray(dl.nchunks)
         if expected is not None and len(expected) != dl.nchunks:
