@@ -427,3 +427,17 @@ def test_import_skips_unreadable_keys_names_them_and_imports_the_rest(
     assert "1024" in r.stderr and "UTF-8" in r.stderr
     assert m.proc is not None and m.proc.poll() is None
     assert m.umount() == 0
+
+
+def test_ftp_sizes_and_times_from_the_server_are_checked() -> None:
+    """Unit check of the FTP reply parsers (SIZE, MLSD/MLST facts, MDTM): garbage is the
+    mirror's error (RemoteError) or no time, never a ValueError out of a job or a read."""
+    from mirrorfs.errors import RemoteError
+    from mirrorfs.remotes.ftp import _mtime_ns, _size
+
+    assert _size(" 123 ", "SIZE") == 123 and _size(0, "MLSD") == 0
+    for bad in ("abc", "-1", "1.5", "²", "9" * 30, ""):
+        with pytest.raises(RemoteError):
+            _size(bad, "SIZE")
+    assert _mtime_ns("20261399000000") is None and _mtime_ns("garbage") is None
+    assert _mtime_ns("20260101000000") == 1767225600 * 10**9
