@@ -441,3 +441,22 @@ def test_ftp_sizes_and_times_from_the_server_are_checked() -> None:
             _size(bad, "SIZE")
     assert _mtime_ns("20261399000000") is None and _mtime_ns("garbage") is None
     assert _mtime_ns("20260101000000") == 1767225600 * 10**9
+
+
+def test_reprs_of_config_and_remotes_hold_no_secret(tmp_path: Path) -> None:
+    from mirrorfs.config import load_config
+    from mirrorfs.workers import open_remotes
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        f'cache_dir = "{tmp_path / "cache"}"\n'
+        '[mirrors.s3]\ntype = "s3"\nbucket = "my-bucket"\naccess_key_id = "AKIDEXAMPLE"\n'
+        'secret_access_key = "s3-secret-value-123"\n'
+        '[mirrors.ftp]\ntype = "ftp"\nhost = "127.0.0.1"\nuser = "u"\n'
+        'password = "ftp-secret-value-456"\n')
+    cfg_path.chmod(0o600)
+    cfg = load_config(str(cfg_path))
+    remotes = open_remotes(cfg)
+    text = repr(cfg) + repr(cfg.mirrors) + repr(remotes) + str(cfg.mirrors[0])
+    assert "s3-secret-value-123" not in text and "ftp-secret-value-456" not in text, text
+    assert "bucket" in repr(cfg.mirrors[0]) and "***" in repr(cfg.mirrors[0])
