@@ -8,8 +8,10 @@ a million files as on ten.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pwd
 import stat
 import time
 from collections.abc import Iterator
@@ -102,6 +104,7 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
     reg = d.reg
     now = time.time()
     out: dict[str, Any] = {}
+    paused = paused_mirrors(reg)
     with reg.db.begin() as txn:
         for n in STAT_NAMES:
             out[n] = get_counter(txn, reg.counters, n.encode())
@@ -124,7 +127,11 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
             state = d.uploader.by_name(m.name)[0] if d.uploader is not None else None
             ms["in_flight"] = len(state.in_flight) if state else 0
             ms["up"] = state.up if state else None
-            ms["paused"] = state.paused if state else None
+            pause = paused.get(m.name)
+            ms["paused"] = state.paused if state else bool(pause or d.cfg.paused)
+            ms["paused_since"] = pause["since"] if pause and ms["paused"] else None
+            ms["paused_by"] = (pause["by"] if pause else "config (paused = true)"
+                               if d.cfg.paused else None) if ms["paused"] else None
             ms["last_error"] = state.last_error if state else ""
             ms["uploaded"] = ms.pop("copies")
             ms["uploaded_bytes"] = ms.pop("copy_bytes")
@@ -179,16 +186,52 @@ async def cmd_retry(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     return {"retried": n}
 
 
+PAUSED_PREFIX = b"paused:"
+
+
+def paused_mirrors(reg: Registry) -> dict[str, dict[str, Any]]:
+    """Mirrors paused by ``mirrorfs pause`` (kept in LMDB: a pause survives a remount),
+    each with since when and by whom."""
+    out = {}
+    with reg.db.begin() as txn:
+        cur = txn.cursor(db=reg.db.db["meta"])
+        if cur.set_range(PAUSED_PREFIX):
+            for k, v in cur:
+                if not bytes(k).startswith(PAUSED_PREFIX):
+                    break
+                out[bytes(k)[len(PAUSED_PREFIX):].decode()] = json.loads(bytes(v))
+    return out
+
+
+def _who(req: dict[str, Any]) -> str:
+    """The user behind a request: the control socket's peer (SO_PEERCRED), or us offline."""
+    uid = req.get("peer_uid", os.getuid())
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 async def cmd_pause(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
-    mirror_names(d, req.get("mirror"))
-    d.uploader.pause(req.get("mirror"))
-    return {"paused": [m for m, _ in mirror_names(d, req.get("mirror"))]}
+    names = [m for m, _ in mirror_names(d, req.get("mirror"))]
+    record = json.dumps({"since": time.time(), "by": _who(req)}).encode()
+    with d.reg.db.begin(write=True) as txn:
+        for name in names:  # a second pause keeps the first one's time
+            txn.put(PAUSED_PREFIX + name.encode(), record, db=d.reg.db.db["meta"],
+                    overwrite=False)
+    if d.uploader is not None:
+        d.uploader.pause(req.get("mirror"))
+    return {"paused": names}
 
 
 async def cmd_resume(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
-    mirror_names(d, req.get("mirror"))
-    d.uploader.resume(req.get("mirror"))
-    return {"resumed": [m for m, _ in mirror_names(d, req.get("mirror"))]}
+    names = [m for m, _ in mirror_names(d, req.get("mirror"))]
+    with d.reg.db.begin(write=True) as txn:
+        for name in names:
+            txn.delete(PAUSED_PREFIX + name.encode(), db=d.reg.db.db["meta"])
+    if d.uploader is not None:
+        d.uploader.resume(req.get("mirror"))
+    return {"resumed": names}
 
 
 # ---------------------------------------------------------------- local / remote
@@ -258,7 +301,19 @@ def _set_pin(d: Daemon, paths: list[str], pin: bool) -> int:
 
 
 async def cmd_pin(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
-    return {"pinned": _set_pin(d, req.get("paths", []), True)}
+    """Pinned files are never evicted. A remote-only one is kept once it is read; with
+    ``fetch`` it is downloaded now."""
+    paths = req.get("paths", [])
+    remote = [n for n in files_for(d.reg, paths) if n.local != LOCAL_FULL]
+    if remote and req.get("fetch"):
+        if d.fetcher is None:
+            raise RuntimeError("--fetch needs the running mirrorfs (mount it first)")
+        for i, node in enumerate(remote):
+            await d.fetcher.fetch_all(node)
+            await progress({"downloaded": i + 1, "total": len(remote)})
+    n = _set_pin(d, paths, True)
+    return {"pinned": n, "remote_only": 0 if req.get("fetch") else len(remote),
+            "downloaded": len(remote) if req.get("fetch") else 0}
 
 
 async def cmd_unpin(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:

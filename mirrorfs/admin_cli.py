@@ -16,15 +16,21 @@ import time
 from typing import Any
 
 from mirrorfs.config import Config, load_config
-from mirrorfs.control import ControlClient
+from mirrorfs.control import CommandError, ControlClient
 from mirrorfs.errors import ConfigError
 
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+
 OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url",
-              "conflicts", "problems"}
+              "conflicts", "pause", "resume", "problems"}
 
 
 class AdminError(Exception):
-    pass
+    """A one-line failure of an admin command, with its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def mirrorfs_mounts() -> list[tuple[str, str]]:
@@ -46,7 +52,10 @@ def locate(args: argparse.Namespace) -> tuple[Config, str | None]:
         cfg = load_config(config)
         mp = next((m for s, m in mounts if os.path.abspath(s) == cfg.path), None)
         return cfg, mp
-    probe = [os.path.abspath(p) for p in getattr(args, "paths", None) or []] + [os.getcwd()]
+    given = list(getattr(args, "paths", None) or [])
+    if getattr(args, "path", None):  # `url PATH`
+        given.append(args.path)
+    probe = [os.path.abspath(p) for p in given] + [os.getcwd()]
     for p in probe:
         for src, mp in sorted(mounts, key=lambda x: -len(x[1])):
             if p == mp or p.startswith(mp.rstrip("/") + "/"):
@@ -54,7 +63,7 @@ def locate(args: argparse.Namespace) -> tuple[Config, str | None]:
     if len(mounts) == 1:
         return load_config(mounts[0][0]), mounts[0][1]
     raise AdminError("which mount? give --config CONFIG "
-                     f"({len(mounts)} mirrorfs mounts found)")
+                     f"({len(mounts)} mirrorfs mounts found)", EXIT_USAGE)
 
 
 def rel_paths(paths: list[str], mountpoint: str | None) -> list[str]:
@@ -64,7 +73,7 @@ def rel_paths(paths: list[str], mountpoint: str | None) -> list[str]:
         if mountpoint and (ap == mountpoint or ap.startswith(mountpoint.rstrip("/") + "/")):
             out.append(os.path.relpath(ap, mountpoint) if ap != mountpoint else "")
         elif os.path.isabs(p) and mountpoint:
-            raise AdminError(f"{p} is not under the mount {mountpoint}")
+            raise AdminError(f"{p} is not under the mount {mountpoint}", EXIT_USAGE)
         else:
             out.append(p)
     return out
@@ -123,20 +132,12 @@ def print_stats(s: dict[str, Any]) -> None:
                   f"{last}")
             if m.get("last_error") and state != "up":
                 print(f"{'':<14}last error: {m['last_error']}")
-
-
-def prometheus(s: dict[str, Any]) -> str:
-    lines = []
-    for k, v in s.items():
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            lines.append(f"mirrorfs_{k} {v}")
-    for name, m in s["mirrors"].items():
-        for k, v in m.items():
-            if isinstance(v, bool):
-                v = int(v)
-            if isinstance(v, int | float):
-                lines.append(f'mirrorfs_mirror_{k}{{mirror="{name}"}} {v}')
-    return "\n".join(lines) + "\n"
+            if m.get("paused"):
+                since = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["paused_since"]))
+                         if m.get("paused_since") else None)
+                print(f"{'':<14}paused" + (f" since {since}" if since else "")
+                      + (f" by {m['paused_by']}" if m.get("paused_by") else "")
+                      + " (mirrorfs resume)")
 
 
 class Progress:
@@ -189,7 +190,7 @@ def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
     try:
         lock = lock_cache_dir(cfg.cache_dir)
     except AlreadyMounted as exc:
-        raise AdminError(f"{exc} but its control socket does not answer") from None
+        raise AdminError(f"{exc} but its control socket does not answer", EXIT_BUSY) from None
     db, reg, store, _clean = open_registry(cfg, mark_unclean=False)
     try:
         d = Daemon(cfg, "", db, reg, store, None)  # type: ignore[arg-type]
@@ -215,14 +216,24 @@ def emit(args: argparse.Namespace, result: Any, text: str | None = None) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit statuses (README): 0 ok, 1 problems found or a runtime failure, 2 bad usage or
+    config, 3 busy."""
     try:
         return int(args.admin(args) or 0)
     except ConfigError as exc:
         print(f"mirrorfs: invalid config: {exc}", file=sys.stderr)
-        return 2
-    except (AdminError, RuntimeError, ConnectionError, LookupError) as exc:
+        return EXIT_USAGE
+    except BrokenPipeError:
+        raise  # the reader of our output went away: main() ends quietly
+    except (AdminError, CommandError, LookupError, ValueError, RuntimeError, OSError) as exc:
         print(f"mirrorfs {args.command}: {exc}", file=sys.stderr)
-        return 1
+        if isinstance(exc, AdminError):
+            return exc.status
+        if isinstance(exc, CommandError):
+            return EXIT_USAGE if exc.usage else EXIT_FAIL
+        if isinstance(exc, LookupError | ValueError):  # offline: the command ran here
+            return EXIT_USAGE
+        return EXIT_FAIL
 
 
 # ---------------------------------------------------------------- subcommands
@@ -230,15 +241,13 @@ def run(args: argparse.Namespace) -> int:
 
 def a_stats(args: argparse.Namespace) -> int:
     s = call(args, "stats")
-    if args.prometheus:
-        text = prometheus(s)
+    if args.prometheus or args.textfile:
+        from mirrorfs.metrics import exposition, write_textfile
+
         if args.textfile:
-            tmp = args.textfile + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, args.textfile)
+            write_textfile(args.textfile, s)
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(exposition(s).decode())
     elif args.json:
         emit(args, s)
     else:
@@ -259,6 +268,15 @@ def a_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+VERIFY_FINE = ("ok", "no_reference", "repaired", "checked")
+
+
+def verify_problems(result: dict[str, Any]) -> list[str]:
+    """What ``verify`` found wrong: every non-empty list of its report but the fine ones
+    (a kind of finding added later counts as a problem without a change here)."""
+    return [k for k, v in result.items() if k not in VERIFY_FINE and isinstance(v, list) and v]
+
+
 def simple(cmd: str, **fields: str) -> Any:
     def fn(args: argparse.Namespace) -> int:
         req = {k: getattr(args, v) for k, v in fields.items()}
@@ -275,8 +293,10 @@ def simple(cmd: str, **fields: str) -> Any:
             shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             print(f"mirrorfs {cmd}: skipped '{shown}': {item['reason']}", file=sys.stderr)
         if cmd == "drain" and isinstance(result, dict) and not result.get("drained"):
-            return 1
-        return 1 if bad else 0
+            return EXIT_FAIL
+        if cmd == "verify" and isinstance(result, dict) and verify_problems(result):
+            return EXIT_FAIL
+        return EXIT_FAIL if bad else EXIT_OK
 
     return fn
 
@@ -288,8 +308,21 @@ def a_state(args: argparse.Namespace) -> int:
     else:
         for p, st in result.items():
             mirrors = ", ".join(f"{k}={v}" for k, v in st["mirrors"].items())
-            print(f"{st['state']:<12}{p}  {mirrors}")
+            print(f"{st['state']:<12}{p}  {mirrors}" + ("  pinned" if st.get("pinned") else ""))
     return 0
+
+
+def a_pin(args: argparse.Namespace) -> int:
+    r = call(args, "pin", paths=args.paths, fetch=args.fetch)
+    if args.json:
+        emit(args, r)
+        return EXIT_OK
+    print(f"pinned {r['pinned']} files" + (f"; downloaded {r['downloaded']}"
+                                            if r.get("downloaded") else ""))
+    if r.get("remote_only"):
+        print(f"{r['remote_only']} of them are remote-only: each stays on local disk once it "
+              "is read (pin --fetch downloads them now)")
+    return EXIT_OK
 
 
 def a_url(args: argparse.Namespace) -> int:
@@ -301,7 +334,7 @@ def a_url(args: argparse.Namespace) -> int:
     if not urls:
         print("mirrorfs url: no url_base configured for "
               + ", ".join(result), file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     for name, u in result.items():
         if u:
             print(u if len(result) == 1 else f"{name}\t{u}")
@@ -351,7 +384,9 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
     p = cmd("stats", a_stats, "files, cache and per-mirror statistics")
     p.add_argument("--prometheus", action="store_true", help="Prometheus text format")
-    p.add_argument("--textfile", help="with --prometheus: write atomically to this file")
+    p.add_argument("--textfile", metavar="FILE",
+                   help="write the Prometheus text atomically to FILE (node_exporter's "
+                   "textfile collector)")
     p = cmd("queue", a_queue, "pending and failed work per mirror")
     p.add_argument("--mirror")
     p.add_argument("--limit", type=int, default=1000)
@@ -362,7 +397,9 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p = cmd("evict", simple("evict", paths="paths", force="force"),
             "drop local copies of clean files", paths=True)
     p.add_argument("--force", action="store_true", help="also unpin")
-    cmd("pin", simple("pin", paths="paths"), "keep files on local disk", paths=True)
+    p = cmd("pin", a_pin, "keep files on local disk (remote-only ones once read)", paths=True)
+    p.add_argument("--fetch", action="store_true",
+                   help="download remote-only files now (needs the running mirrorfs)")
     cmd("unpin", simple("unpin", paths="paths"), "allow eviction again", paths=True)
     p = cmd("drain", simple("drain", timeout="timeout"),
             "upload everything now and wait until every mirror holds it")

@@ -6,9 +6,12 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid config, 3 alrea
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import logging
+import logging.handlers
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,24 +64,130 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_USAGE) from None
 
 
+def mounts_at(path: str) -> list[tuple[str, str]]:
+    """(source, type) of every mount on ``path``, bottom first (the kernel's order)."""
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+                if point == path:
+                    out.append((parts[0], parts[2]))
+    return out
+
+
+def clear_dead_mount(mountpoint: str, config_path: str) -> None:
+    """A mirrorfs of this same config that died (kill -9, OOM) leaves its mount behind, where
+    every access fails with ENOTCONN. Starting it again (systemd's Restart=on-failure) must
+    not need a hand: the dead mount is detached first."""
+    real = os.path.realpath(mountpoint)
+    there = mounts_at(real)
+    if not there or there[-1][1] != "fuse.mirrorfs" or \
+            there[-1][0].replace("\\040", " ").replace("\\011", "\t") != config_path:
+        return
+    try:
+        os.stat(real)
+        return  # alive: check_mount_point says so
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+    log.warning("%s is the mount of a mirrorfs of %s that died; detaching it", real,
+                config_path)
+    subprocess.run(["fusermount3", "-u", "-z", real], check=False)
+
+
+def check_mount_point(mountpoint: str, options: list[str]) -> str | None:
+    """Why ``mountpoint`` must not be mounted on, or None. A mount there, or files in it,
+    would be hidden under the new mount (``-o nonempty`` allows both)."""
+    nonempty = "nonempty" in ",".join(options).split(",")
+    real = os.path.realpath(mountpoint)
+    there = mounts_at(real)
+    if there and not nonempty:
+        src, kind = there[-1]
+        return (f"{real} is already a mount point ({kind} from {src}); unmount it first, or "
+                "give -o nonempty to mount on top of it")
+    if not os.path.isdir(mountpoint):
+        return f"mount point {mountpoint} is not a directory"
+    if nonempty:
+        return None
+    try:
+        entries = os.listdir(real)
+    except OSError as exc:
+        return f"cannot list mount point {real}: {exc.strerror}"
+    if entries:
+        return (f"mount point {real} is not empty ({len(entries)} entries would be hidden); "
+                "give -o nonempty to mount anyway")
+    return None
+
+
+def _daemon_log_handler(cfg: Config, log_file: str | None) -> str | None:
+    """Where a daemonized mount logs: --log-file, else syslog (journald reads it) when its
+    socket is there, else ``<cache_dir>/mirrorfs.log``. Returns a file name, or None for
+    syslog (already set up here)."""
+    if log_file:
+        return log_file
+    address = os.environ.get("MIRRORFS_SYSLOG_SOCKET", "/dev/log")
+    if os.path.exists(address):
+        try:
+            handler = logging.handlers.SysLogHandler(
+                address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        except OSError:
+            pass
+        else:
+            handler.setFormatter(logging.Formatter(
+                "mirrorfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().handlers[:] = [handler]
+            return None
+    os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
+    return os.path.join(cfg.cache_dir, "mirrorfs.log")
+
+
+class _StartupWarnings(logging.Handler):
+    """Until the mount is live, warnings (a mirror unreachable at start) also go to the user
+    who ran ``mount``: to the waiting parent through the status pipe, or to stderr."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.write = write
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "reported", False):
+            return  # the failure itself: the status message carries it
+        try:
+            self.write("mirrorfs: warning: " + record.getMessage().replace("\n", " "))
+        except OSError:
+            pass
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "INFO")  # config warnings go through logging too
     cfg = _load(args.config)
     mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.isdir(mountpoint):
-        print(f"mirrorfs: mount point {mountpoint} is not a directory", file=sys.stderr)
+    clear_dead_mount(mountpoint, cfg.path)
+    problem = check_mount_point(mountpoint, args.options)
+    if problem:
+        print(f"mirrorfs: {problem}", file=sys.stderr)
         return EXIT_USAGE
     level = args.log_level or cfg.log_level
+    root = logging.getLogger()
     if args.foreground:
         setup_logging(level, args.log_file)
-        return _run_mount(cfg, mountpoint, args.options, lambda: None)
+        startup = _StartupWarnings(lambda text: print(text, file=sys.stderr, flush=True))
+        if not _logs_to_stderr():
+            root.addHandler(startup)
+        return _run_mount(cfg, mountpoint, args.options, lambda: root.removeHandler(startup))
     # Daemonize: the parent returns only once the mount is live (or failed), with its status.
+    # The child sends "W <warning>" lines while it starts, then "OK" or "<status> <reason>".
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
         os.close(wfd)
         with os.fdopen(rfd, "rb") as r:
             msg = r.read().decode(errors="replace")
+        while msg.startswith("W "):
+            line, _, msg = msg.partition("\n")
+            print(line[2:], file=sys.stderr)
         if msg.startswith("OK"):
             return EXIT_OK
         status, _, text = msg.partition(" ")
@@ -86,21 +195,30 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return int(status) if status.isdigit() else EXIT_FAIL
     os.close(rfd)
     os.setsid()
-    log_file = args.log_file
-    if log_file is None and sys.stderr.isatty():
-        log_file = os.path.join(cfg.cache_dir, "mirrorfs.log")
-        os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
-    setup_logging(level, log_file)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
+    # Detached: nothing more reaches the caller's terminal or pipes (a script waiting for
+    # the output of `mount` must not wait for the daemon).
+    setup_logging(level, None)
+    log_file = _daemon_log_handler(cfg, args.log_file)
     if log_file:
-        os.dup2(devnull, 2)
+        setup_logging(level, log_file)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
     os.chdir("/")
     reported = False
+    warn_fd = os.dup(wfd)  # stays valid whatever closes wfd, until ready() or exit
+
+    def warn(text: str) -> None:
+        os.write(warn_fd, b"W " + text.encode(errors="replace") + b"\n")
+
+    startup = _StartupWarnings(warn)
+    root.addHandler(startup)
 
     def ready() -> None:
         nonlocal reported
+        root.removeHandler(startup)
+        os.close(warn_fd)
         os.write(wfd, b"OK")
         os.close(wfd)
         reported = True
@@ -111,7 +229,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except BaseException as exc:
         code = EXIT_FAIL
         failure = f"mirrorfs: {exc}"
-        log.exception("mirrorfs failed")
+        log.exception("mirrorfs failed", extra={"reported": True})
     if not reported:
         try:
             os.write(wfd, f"{code} {failure}".encode())
@@ -139,7 +257,7 @@ def _run_mount(cfg: Config, mountpoint: str, options: list[str], ready: Callable
         else:
             print(msg, file=sys.stderr)
         if not _logs_to_stderr():
-            log.error("%s", msg)
+            log.error("%s", msg, extra={"reported": True})
         return code
 
     try:
@@ -154,14 +272,16 @@ def _run_mount(cfg: Config, mountpoint: str, options: list[str], ready: Callable
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from mirrorfs.admin_cli import Progress, mirrorfs_mounts
+    from mirrorfs.admin_cli import Progress
     from mirrorfs.control import ControlClient
 
     mountpoint = os.path.realpath(args.mountpoint)  # the kernel lists the resolved path
-    source = next((s for s, m in mirrorfs_mounts() if m == mountpoint), None)
-    if source is None:
-        print(f"mirrorfs: {mountpoint} is not a mirrorfs mount", file=sys.stderr)
-        return EXIT_FAIL
+    there = mounts_at(mountpoint)
+    if not there or there[-1][1] != "fuse.mirrorfs":  # only the top mount can be unmounted
+        what = f" (the top mount there is {there[-1][1]})" if there else ""
+        print(f"mirrorfs: {mountpoint} is not a mirrorfs mount{what}", file=sys.stderr)
+        return EXIT_USAGE
+    source = there[-1][0].replace("\\040", " ").replace("\\011", "\t")
     cfg = None
     try:
         cfg = load_config(source)
@@ -186,9 +306,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
                       "upload at the next mount (use --wait to wait for them)", file=sys.stderr)
         finally:
             client.close()
-    r = subprocess.run(["fusermount3", "-u", *(["-z"] if args.lazy else []), mountpoint])
+    r = subprocess.run(["fusermount3", "-u", *(["-z"] if args.lazy else []), mountpoint],
+                       stderr=subprocess.PIPE, text=True)
     if r.returncode:
-        return EXIT_FAIL
+        print(r.stderr.strip() or f"mirrorfs: fusermount3 -u {mountpoint} failed",
+              file=sys.stderr)
+        return EXIT_BUSY if "busy" in r.stderr.lower() else EXIT_FAIL
     # Wait for the daemon to let go of the cache directory, so a new mount can start at once.
     if cfg is not None:
         lock = os.path.join(cfg.cache_dir, "lock")
@@ -208,22 +331,6 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-HELPER = """#!/bin/sh
-# mount(8) helper for `mount -t fuse.mirrorfs CONFIG MOUNTPOINT -o OPTIONS` and fstab lines
-# (written by `mirrorfs install-helper`). mount passes: SOURCE TARGET [-n] [-s] [-v] -o OPTS
-src="$1"; dst="$2"; shift 2
-opts=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        -o) opts="$2"; shift 2 ;;
-        -o*) opts="${1#-o}"; shift ;;
-        *) shift ;;
-    esac
-done
-exec %(python)s -m mirrorfs.cli mount "$src" "$dst" ${opts:+-o "$opts"}
-"""
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
     import trio
 
@@ -235,14 +342,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_install_helper(args: argparse.Namespace) -> int:
-    path = os.path.join(args.dir, "mount.fuse.mirrorfs")
-    text = HELPER % {"python": sys.executable}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
-    print(f"installed {path}")
+    from mirrorfs.install import install_helper
+
+    try:
+        print(f"installed {install_helper(args.dir)}")
+    except OSError as exc:
+        print(f"mirrorfs install-helper: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from mirrorfs.install import install
+
+    try:
+        for path in install(args.root):
+            print(f"installed {path}")
+    except OSError as exc:
+        print(f"mirrorfs install: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if os.path.abspath(args.root) == "/":
+        print("then: systemctl daemon-reload; systemctl enable --now mirrorfs@NAME "
+              "(mounts /etc/mirrorfs/NAME.toml on /srv/NAME)")
     return EXIT_OK
 
 
@@ -279,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dir", default="/sbin")
     h.set_defaults(func=cmd_install_helper)
 
+    i = sub.add_parser("install", help="install /usr/local/bin/mirrorfs, the mount helper and "
+                       "the systemd units")
+    i.add_argument("--root", default="/", help="install under this directory (the files "
+                   "name each other there)")
+    i.set_defaults(func=cmd_install)
+
     from mirrorfs.admin_cli import add_admin_commands
 
     add_admin_commands(sub)
@@ -288,7 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+    except BrokenPipeError:
+        # The reader went away (`mirrorfs stats | head -1`): it had what it wanted. Quiet,
+        # and status 0; what is left in the buffer goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
+    return code
 
 
 if __name__ == "__main__":

@@ -98,6 +98,15 @@ def _url(value: object) -> str:
     return s
 
 
+def _listen(value: object) -> str:
+    s = _str(value)
+    if s:
+        from mirrorfs.metrics import parse_listen
+
+        parse_listen(s)
+    return s
+
+
 def _log_level(value: object) -> str:
     s = _str(value).upper()
     if s not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -117,7 +126,8 @@ TOP_OPTIONS: dict[str, Opt] = {
                     "bound on data not yet on every mirror; writers wait beyond it"),
     "upload_delay": (_duration, 30.0, "seconds of quiet after the last change before upload"),
     "log_level": (_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    "paused": (_bool, False, "start with uploads paused"),
+    "paused": (_bool, False, "start every mount with uploads paused (a `mirrorfs pause` is "
+               "kept across mounts by itself, until `mirrorfs resume`)"),
     "xattrs": (_bool, False,
                "serve extended attributes (user.* and user.mirrorfs.*); costs a kernel round "
                "trip per write(2), see README"),
@@ -131,6 +141,9 @@ TOP_OPTIONS: dict[str, Opt] = {
                          "mmap(MAP_SHARED) of such an open fails (ENODEV), see README"),
     "read_order": (_str_list, (), "mirror names to read from, first healthy wins"),
     "node_id": (_str, "", "this node's identity for multi-node pulls (default: host name)"),
+    "metrics_listen": (_listen, "",
+                       "serve Prometheus metrics at HOST:PORT (e.g. 127.0.0.1:9464; a bare "
+                       "port listens on loopback only); empty: off"),
     "mirrors": (lambda v: v, {}, "one table per mirror"),
 }
 
@@ -248,6 +261,7 @@ class Config:
     read_order: tuple[str, ...]
     node_id: str
     mirrors: tuple[MirrorConfig, ...]
+    metrics_listen: str = ""
 
 
 def _check_table(path: str, where: str, table: dict[str, Any],

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,7 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
     async def send(obj: dict[str, Any]) -> None:
         await stream.send_all(json.dumps(obj, default=str).encode() + b"\n")
 
+    peer_uid = _peer_uid(stream)
     try:
         async for line in _lines(stream):
             try:
@@ -88,12 +90,17 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
             except (ValueError, KeyError, AttributeError):
                 await send({"ok": False, "error": f"unknown request {line[:100]!r}"})
                 continue
+            req.pop("peer_uid", None)  # only the kernel says who is asking
+            if peer_uid is not None:
+                req["peer_uid"] = peer_uid
             try:
                 result = await fn(daemon, req, lambda p: send({"progress": p}))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.info("control command %s stopped: the client went away", name)
                 return
-            except (LookupError, ValueError, OSError) as exc:
+            except (LookupError, ValueError) as exc:  # a name or an argument that is wrong
+                await send({"ok": False, "error": str(exc), "usage": True})
+            except OSError as exc:
                 await send({"ok": False, "error": str(exc)})
             except Exception as exc:
                 log.exception("control command %s failed", name)
@@ -104,6 +111,25 @@ async def _handle(daemon: Daemon, commands: dict[str, Command],
         pass
     finally:
         await stream.aclose()
+
+
+def _peer_uid(stream: trio.SocketStream) -> int | None:
+    """Who is on the other end (SO_PEERCRED: pid, uid, gid), for ``pause``'s record."""
+    try:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                         struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", creds)[1])
+
+
+class CommandError(RuntimeError):
+    """A command the daemon refused; ``usage`` when the request itself was wrong (a mirror
+    or path that does not exist, a bad argument): exit status 2, not 1."""
+
+    def __init__(self, message: str, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class ControlClient:
@@ -128,7 +154,7 @@ class ControlClient:
                     on_progress(msg["progress"])
                 continue
             if not msg.get("ok"):
-                raise RuntimeError(msg.get("error", "failed"))
+                raise CommandError(msg.get("error", "failed"), bool(msg.get("usage")))
             return msg.get("result")
 
     def settimeout(self, timeout: float | None) -> None:

@@ -61,7 +61,9 @@ async def probe_all(remotes: dict[str, Remote]) -> dict[str, tuple[str, str, flo
 
 
 async def check_config(cfg: Config) -> int:
-    """`mirrorfs check-config`: one line per mirror; 0 all ok, 1 any problem."""
+    """`mirrorfs check-config`: one line per mirror; 0 all ok, 1 a mirror unreachable (it
+    may come back: `mount` only warns), 2 a mirror that refuses us (no such bucket, access
+    denied: `mount` refuses it as a config error too)."""
     from mirrorfs.workers import close_remotes, open_remotes
 
     remotes = open_remotes(cfg)
@@ -70,13 +72,12 @@ async def check_config(cfg: Config) -> int:
     finally:
         await close_remotes(remotes)
     print(f"{cfg.path}: config is valid; cache_dir {cfg.cache_dir}")
-    bad = 0
     for m in cfg.mirrors:
         status, detail, secs = results[m.name]
-        bad += status != "ok"
         print(f"mirror {m.name} ({m.type}): {status.upper() if status != 'ok' else 'ok'}: "
               f"{detail} ({secs:.2f}s)")
-    return 1 if bad else 0
+    statuses = {r[0] for r in results.values()}
+    return 2 if "error" in statuses else 1 if "unreachable" in statuses else 0
 
 
 # ---------------------------------------------------------------- import
@@ -111,7 +112,7 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
         v = txn.get(cursor_key, db=cursors)
     cursor = bytes(v).decode() if v else None
     counts = {"added": 0, "attached": 0, "exists": 0, "blocked": 0, "rejected": 0,
-              "unreadable": 0}
+              "dirs": 0, "unreadable": 0}
     #: keys not imported and why: a bad key is that key's problem, never the end of the run
     skipped: list[dict[str, str]] = []
     resumed = cursor is not None
@@ -138,6 +139,12 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
                 if st.key in unreadable:
                     continue
                 rel = st.key[len(prefix):] if prefix and st.key.startswith(prefix) else st.key
+                marker = safe_key(rel[:-1]) if rel.endswith("/") and st.size == 0 else None
+                if marker is not None:  # an S3 folder marker ("dir/", no bytes): a directory
+                    status = d.reg.ensure_dir(txn, marker)
+                    if status != "exists":
+                        counts["dirs" if status == "added" else "blocked"] += 1
+                    continue
                 path = safe_key(rel)
                 if path is None:
                     counts["rejected"] += 1

@@ -86,11 +86,16 @@ def mirror_rules(cfg: Config, reg_index: Callable[[str], int]) -> list[MirrorRul
 
 def open_registry(cfg: Config, mark_unclean: bool = True) -> tuple[Database, Registry, Store,
                                                                    bool]:
-    db = Database(os.path.join(cfg.cache_dir, "meta"))
+    meta = os.path.join(cfg.cache_dir, "meta")
+    new = not os.path.exists(meta)
+    db = Database(meta)
     reg = Registry(db, [], cfg.upload_delay)
     reg.mirrors = mirror_rules(cfg, reg.mirror_index)
     store = Store(cfg.cache_dir)
     marker = os.path.join(cfg.cache_dir, CLEAN_MARKER)
+    if new:  # an empty registry: nothing to check after a crash that never happened
+        with open(marker, "w"):
+            pass
     clean = os.path.exists(marker)
     if mark_unclean:
         with contextlib.suppress(FileNotFoundError):
@@ -98,11 +103,12 @@ def open_registry(cfg: Config, mark_unclean: bool = True) -> tuple[Database, Reg
     return db, reg, store, clean
 
 
-def replay_journal(reg: Registry, store: Store, clean: bool) -> None:
+def replay_journal(reg: Registry, store: Store, clean: bool, new: bool = False) -> None:
     t0 = time.monotonic()
     counts = recover(reg, store, full_check=not clean)
     done = {k: v for k, v in counts.items() if v}
-    log.info("startup check (%s) took %.2fs%s", "clean stop" if clean else "after a crash",
+    log.info("startup check (%s) took %.2fs%s",
+             "new cache directory" if new else "clean stop" if clean else "after a crash",
              time.monotonic() - t0, f": {done}" if done else "")
 
 
@@ -118,7 +124,8 @@ def mount_options(cfg: Config, extra: list[str]) -> set[str]:
             if part.startswith(("x-", "comment=")):
                 continue  # meant for systemd/mount(8), not the kernel
             if part and part not in ("rw", "defaults", "_netdev", "nofail", "auto", "noauto",
-                                     "user", "nouser", "exec", "suid", "dev", "relatime"):
+                                     "user", "nouser", "exec", "suid", "dev", "relatime",
+                                     "nonempty"):  # nonempty: checked by the command
                 opts.add(part)
     return opts
 
@@ -190,8 +197,9 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
 
     lock_fd = lock_cache_dir(cfg.cache_dir)
     remotes, probes = await open_and_probe(cfg)
+    new = not os.path.exists(os.path.join(cfg.cache_dir, "meta"))
     db, reg, store, clean = open_registry(cfg)
-    replay_journal(reg, store, clean)
+    replay_journal(reg, store, clean, new)
     ops = Operations(reg, store, attr_timeout=cfg.attr_timeout, xattrs=cfg.xattrs,
                      readonly="ro" in mount_options(cfg, options),
                      stream_direct_io=cfg.stream_direct_io)
@@ -204,6 +212,7 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
         db.close()
         raise OSError(errno.EIO, f"cannot mount on {mountpoint}: {exc}") from None
     unmounted = False
+    metrics_server = None
     try:
         async with trio.open_nursery() as nursery:
             sup = daemon.supervisor = Supervisor(nursery, lambda: health_check(daemon))
@@ -211,6 +220,10 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
             sup.start_soon("signals", watch_signals, daemon)
             nursery.start_soon(read_ahead_after_init, mountpoint, cfg.read_ahead_kb)
             await start_workers(daemon, sup)
+            if cfg.metrics_listen:
+                from mirrorfs.metrics import start_server
+
+                metrics_server = start_server(daemon, cfg.metrics_listen)
             log.info("mirrorfs mounted %s on %s", cfg.cache_dir, mountpoint)
             ready()
             sd_notify("READY=1")
@@ -218,8 +231,10 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
             unmounted = True
             nursery.cancel_scope.cancel()
     finally:
+        from mirrorfs.metrics import stop_server
         from mirrorfs.workers import close_remotes
 
+        stop_server(metrics_server)
         await close_remotes(daemon.remotes)
         if daemon.stats is not None:
             with db.begin(write=True) as txn:

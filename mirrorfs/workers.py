@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mirrorfs.admin import COMMANDS, file_state
+from mirrorfs.admin import COMMANDS, file_state, paused_mirrors
 from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
@@ -270,8 +270,9 @@ async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
     stats = RuntimeStats()
     daemon.stats = stats
     rules = {r.name: r for r in reg.mirrors}
+    paused = paused_mirrors(reg)  # `mirrorfs pause` survives a remount
     states = [MirrorState(rule=rules[m.name], remote=remotes[m.name],
-                          concurrency=m.concurrency, paused=cfg.paused,
+                          concurrency=m.concurrency, paused=cfg.paused or m.name in paused,
                           up=probes[m.name][0] == "ok", last_error=probes[m.name][1]
                           if probes[m.name][0] != "ok" else "")
               for m in cfg.mirrors]

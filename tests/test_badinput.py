@@ -276,8 +276,10 @@ def test_import_of_a_hostile_bucket_maps_safely(make_mount: Any, s3: Any,
         assert (m.path / k).read_bytes() == v
     assert (m.path / "local.txt").read_text() == "mine"
     # exactly the safe keys became paths; nothing was merged, renamed or overwritten
-    assert sorted(os.listdir(m.path)) == sorted(
-        ["ok", "top.txt", "a", "setuid.bin", "size-lies.bin", "hash-lies.bin", "local.txt"])
+    assert sorted(os.listdir(m.path)) == sorted(  # "dir/": an S3 folder marker, a directory
+        ["ok", "top.txt", "a", "setuid.bin", "size-lies.bin", "hash-lies.bin", "local.txt",
+         "dir"])
+    assert os.listdir(m.path / "dir") == [] and r["dirs"] == 1
     assert os.listdir(m.path / "a") == ["b"] and os.listdir(m.path / "ok") == ["file.txt"]
     assert r["blocked"] == 1  # ok/file.txt/inner: a file cannot be a directory too
     # no setuid bit from a foreign bucket

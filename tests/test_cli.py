@@ -179,7 +179,7 @@ def test_daemon_mount_and_umount(make_mount: MountFactory, tmp_path: Path) -> No
         assert " ERROR " not in text and " WARNING " not in text and "Traceback" not in text
         # a second umount: not mounted any more
         r = cli("umount", str(m.path))
-        assert r.returncode == 1 and "not a mirrorfs mount" in r.stderr
+        assert r.returncode == EXIT_USAGE and "not a mirrorfs mount" in r.stderr
     finally:
         lazy_unmount(m.path)
     # the data is there for the next mount
@@ -229,14 +229,20 @@ def test_umount_by_symlink_and_odd_path(make_mount: MountFactory, tmp_path: Path
         lazy_unmount(point)
 
 
-def test_daemon_logs_to_stderr_file_without_log_file(make_mount: MountFactory,
-                                                     tmp_path: Path) -> None:
-    """Without --log-file the daemon keeps logging to the stderr it was given (systemd)."""
+def test_daemon_detaches_from_the_callers_stderr(make_mount: MountFactory,
+                                                tmp_path: Path) -> None:
+    """Without --log-file a daemonized mount logs to syslog, or (no syslog socket, as here)
+    to the cache directory; nothing more goes to the stderr it was started with (systemd
+    runs it with --foreground, which keeps stderr)."""
     m = make_mount(start=False)
     m.path.mkdir()
     errlog = tmp_path / "stderr.txt"
-    with open(errlog, "w") as err:
-        r = cli("mount", str(m.config), str(m.path), stderr=err.fileno())
+    os.environ["MIRRORFS_SYSLOG_SOCKET"] = str(tmp_path / "no-syslog")
+    try:
+        with open(errlog, "w") as err:
+            r = cli("mount", str(m.config), str(m.path), stderr=err.fileno())
+    finally:
+        del os.environ["MIRRORFS_SYSLOG_SOCKET"]
     try:
         assert r.returncode == 0
         assert is_mounted(m.path)
@@ -245,7 +251,8 @@ def test_daemon_logs_to_stderr_file_without_log_file(make_mount: MountFactory,
         assert wait_gone(pid)
     finally:
         lazy_unmount(m.path)
-    assert "mirrorfs mounted" in errlog.read_text()
+    assert errlog.read_text() == ""
+    assert "mirrorfs mounted" in (m.config.parent / "cache" / "mirrorfs.log").read_text()
 
 
 def test_daemon_start_failure_is_reported(make_mount: MountFactory, tmp_path: Path) -> None:

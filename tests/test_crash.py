@@ -338,6 +338,7 @@ def test_crash_after_a_remote_rename_before_recording_it(make_mount: Any, s3: An
                                                              "Key": "a.txt"})
     c.delete_object(Bucket=s3.bucket, Key="a.txt")
     m.start()
+    admin(m, "resume")  # a pause survives the restart
     r = admin(m, "drain", "--timeout", "30")
     assert r["drained"] and not r["failed"], r
     assert tree(tmp_path / "dm") == {"b.txt": data}

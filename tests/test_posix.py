@@ -95,15 +95,24 @@ def remount(m: Mount) -> None:
 
 @pytest.fixture(scope="session")
 def other_user() -> pwd.struct_passwd:
-    """A non-root user for permission tests (created once, left in place)."""
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        r = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                            TEST_USER], capture_output=True, text=True, check=False)
-        if r.returncode not in (0, 9):  # 9: created meanwhile by a parallel run
-            pytest.fail(f"useradd {TEST_USER} failed: {r.stderr}")
-        return pwd.getpwnam(TEST_USER)
+    """A non-root user for permission tests: a uid and gid no account or group uses, so
+    nothing is added to the host (the kernel checks numbers, not names; ``as_user`` forks
+    and setuid()s, it needs no login). It used to be a system user left behind."""
+    import grp
+
+    for uid in range(64_000, 60_000, -1):
+        try:
+            pwd.getpwuid(uid)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(uid)
+            continue
+        except KeyError:
+            return pwd.struct_passwd((TEST_USER, "x", uid, uid, "mirrorfs tests",
+                                      "/nonexistent", "/usr/sbin/nologin"))
+    pytest.fail("no free uid between 60000 and 64000 for the permission tests")
 
 
 def as_user(user: pwd.struct_passwd, cwd: Path, fn: Callable[..., Any], *args: Any,

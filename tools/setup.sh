@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc python3-dev vsftpd; do
+# systemd: its systemd-analyze checks the units `mirrorfs install` writes (tests)
+for pkg in fuse3 libfuse3-dev pkg-config gcc python3-dev patch vsftpd systemd; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # python3-dev is only needed if the interpreter has no headers of its own (pyenv builds do).
@@ -31,10 +32,27 @@ python3 -c 'import sys; assert sys.version_info >= (3, 11), "mirrorfs needs Pyth
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+# pyfuse3 3.5 does not register a fallocate handler with libfuse (the kernel then answers
+# EOPNOTSUPP for every mode). It has no wheel and is compiled here anyway, so we compile it
+# with tools/patches/pyfuse3-3.5.0-fallocate.patch (one handler, written like its fsync), before
+# mirrorfs's own install finds the requirement satisfied. Without the patch mirrorfs still
+# works; only fallocate(2) is refused.
+if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "fallocate"))' 2>/dev/null; then
+    echo "setup: building pyfuse3 3.5.0 with the fallocate handler"
+    tmp=$(mktemp -d)
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip download -q --no-deps --no-binary pyfuse3 pyfuse3==3.5.0 -d "$tmp"
+    tar xzf "$tmp/pyfuse3-3.5.0.tar.gz" -C "$tmp"
+    patch -s -d "$tmp/pyfuse3-3.5.0" -p1 < tools/patches/pyfuse3-3.5.0-fallocate.patch
+    rm -f "$tmp/pyfuse3-3.5.0/src/pyfuse3/__init__.c"   # generated from the unpatched .pyx
+    .venv/bin/pip install -q "$tmp/pyfuse3-3.5.0"
+    rm -rf "$tmp"
+fi
 stamp=.venv/.mirrorfs-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e ".[test,bench]"
     touch "$stamp"
 fi
-echo "setup: ready (.venv/bin/mirrorfs)"
+echo "setup: ready (.venv/bin/mirrorfs; \`.venv/bin/mirrorfs install\` puts /usr/local/bin/mirrorfs," \
+     "the mount helper and the systemd units in place)"

@@ -4,7 +4,9 @@ Owns the on-disk layout of the registry. Every sentinel value is documented here
 
 Sub-databases (all keys big-endian so that cursor order is numeric order):
 
-``meta``      b"schema" -> version; b"next_ino" -> >Q next inode number (never reused).
+``meta``      b"schema" -> version; b"next_ino" -> >Q next inode number (never reused);
+              b"paused:" + mirror name -> JSON {"since": unix time, "by": user}: uploads to
+              that mirror paused by ``mirrorfs pause`` (survives a remount; resume deletes it).
 ``inodes``    >Q ino -> :class:`Inode`.
 ``dentries``  >Q parent + name bytes -> >Q child ino.
 ``xattrs``    >Q ino + name bytes -> value bytes.

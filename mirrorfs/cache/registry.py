@@ -691,6 +691,30 @@ class Registry:
         bump_counter(txn, self.counters, b"m%d.copies" % mirror, 1)
         bump_counter(txn, self.counters, b"m%d.copy_bytes" % mirror, rc.size)
 
+    def ensure_dir(self, txn: lmdb.Transaction, path: bytes, uid: int = 0,
+                   gid: int = 0) -> str:
+        """Make ``path`` and its parents directories (an imported folder marker ``dir/``):
+        "added" if any was created, "exists", or "blocked" when a file holds a name."""
+        parent = self._must(txn, ROOT_INO)
+        status = "exists"
+        for part in path.split(b"/"):
+            child = self.lookup_txn(txn, parent.ino, part)
+            if child is None:
+                now = now_ns()
+                child = Inode(self._new_ino(txn), parent.ino, stat.S_IFDIR | 0o755, uid, gid,
+                              2, 0, now, now, now, ver=1, name=part)
+                self._put(txn, child)
+                txn.put(dentry_key(parent.ino, part), U64.pack(child.ino), db=self.dentries)
+                parent.nlink += 1
+                parent.mtime_ns = parent.ctime_ns = now
+                self._put(txn, parent)
+                bump_counter(txn, self.counters, b"dirs", 1)
+                status = "added"
+            elif not stat.S_ISDIR(child.mode):
+                return "blocked"
+            parent = child
+        return status
+
     def add_remote_file(self, txn: lmdb.Transaction, path: bytes, size: int, mtime_ns: int,
                         mode: int, digest: bytes | None, mirror: int, key: bytes,
                         uid: int = 0, gid: int = 0) -> tuple[str, Inode | None]:
