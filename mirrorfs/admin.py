@@ -143,7 +143,6 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
     out["pull"] = sync_stats(d)
     # per supervised task: restarts after an unexpected exception (see workers.Supervisor)
     out["tasks"] = d.supervisor.stats() if d.supervisor is not None else {}
-    out["task_restarts"] = sum(t["restarts"] for t in out["tasks"].values())
     out["cache_size"] = d.cfg.cache_size
     out["dirty_limit"] = d.cfg.dirty_limit
     out["online"] = d.uploader is not None

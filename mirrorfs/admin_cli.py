@@ -112,12 +112,12 @@ def print_stats(s: dict[str, Any]) -> None:
           f"verify failures {s['verify_failures']:,}")
     print(f"journal       {s['journal_length']:,} pending jobs"
           + ("" if s.get("online") else "   (daemon not running)"))
-    if s.get("task_restarts") or s.get("quarantined"):
+    restarts = sum(t["restarts"] for t in s.get("tasks", {}).values())
+    if restarts or s.get("quarantined"):
         failed = ", ".join(f"{n} {t['restarts']}" for n, t in s.get("tasks", {}).items()
                            if t["restarts"])
         print(f"problems      {s.get('quarantined', 0):,} quarantined (mirrorfs problems)"
-              f"   task restarts {s.get('task_restarts', 0):,}"
-              + (f" ({failed})" if failed else ""))
+              f"   task restarts {restarts:,}" + (f" ({failed})" if failed else ""))
     if s["mirrors"]:
         print()
         print(f"{'mirror':<14}{'state':<9}{'uploaded':>10}{'bytes':>12}{'pending':>9}"

@@ -78,9 +78,10 @@ class Supervisor:
     """Runs long-lived tasks in one nursery and restarts the ones that fail.
 
     A task that returns is done. A task that raises is logged once with its traceback,
-    counted (``stats``: ``tasks``, ``task_restarts``) and run again after a backoff. A
-    FatalError, a failure of the health check (``health`` raises FatalError) and the
-    nursery's own cancellation are not caught: they end the mount."""
+    counted (``stats``: ``tasks``; metrics: ``mirrorfs_task_restarts_total{task=...}``) and
+    run again after a backoff. A FatalError, a failure of the health check (``health``
+    raises FatalError) and the nursery's own cancellation are not caught: they end the
+    mount."""
 
     def __init__(self, nursery: trio.Nursery,
                  health: Callable[[], None] = lambda: None) -> None:

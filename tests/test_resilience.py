@@ -86,7 +86,7 @@ def test_every_supervised_task_restarts_after_an_unexpected_exception(
         assert (m.path / f"after-{i}.bin").read_bytes() == data
         assert m.proc is not None and m.proc.poll() is None
     s = admin(m, "stats")
-    assert s["task_restarts"] == len(tasks), s["tasks"]
+    assert sum(t["restarts"] for t in s["tasks"].values()) == len(tasks), s["tasks"]
     assert all(t["restarts"] == 1 and "InjectedFault" in t["last_error"]
                for t in s["tasks"].values()), s["tasks"]
     # the restarted tasks do their work: uploads reach the mirror, the pull loop runs again
@@ -105,6 +105,9 @@ def test_every_supervised_task_restarts_after_an_unexpected_exception(
     # and the human stats say so
     r = cli("stats", "-c", str(m.config))
     assert r.returncode == 0 and f"task restarts {len(tasks)}" in r.stdout, r.stdout
+    r = cli("stats", "--prometheus", "-c", str(m.config))  # and the metrics
+    for name in tasks:
+        assert f'mirrorfs_task_restarts_total{{task="{name}"}} 1.0' in r.stdout, r.stdout
     assert m.umount() == 0
 
 
