@@ -94,7 +94,8 @@ class Supervisor:
         self.nursery.start_soon(self._supervise, name, fn, args, False, name=name)
 
     async def start(self, name: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Start a task that reports readiness (``task_status.started()``) and wait for it."""
+        """Start a task that reports readiness (``task_status.started()``) and wait for it.
+        A failure before it is ready is not restarted: it fails the mount's start-up."""
         self.tasks.setdefault(name, TaskState())
         await self.nursery.start(self._supervise, name, fn, args, True, name=name)
 
@@ -137,8 +138,8 @@ class Supervisor:
                 raise InjectedFault(f"fault injected into task {name} (test hook)")
             except BaseException as exc:
                 t.running, t.scope = False, None
-                if not _restartable(exc):
-                    raise
+                if not _restartable(exc) or (ready and status.status is not None):
+                    raise  # (a task that never got ready: the mount's start-up fails)
                 try:
                     self.health()
                 except FatalError as fatal:

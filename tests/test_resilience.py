@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import subprocess
@@ -463,3 +464,45 @@ def test_reprs_of_config_and_remotes_hold_no_secret(tmp_path: Path) -> None:
     text = repr(cfg) + repr(cfg.mirrors) + repr(remotes) + str(cfg.mirrors[0])
     assert "s3-secret-value-123" not in text and "ftp-secret-value-456" not in text, text
     assert "bucket" in repr(cfg.mirrors[0]) and "***" in repr(cfg.mirrors[0])
+
+
+def test_supervisor_backoff_readiness_and_fatal_errors() -> None:
+    """In-process unit check of the Supervisor (MockClock): restarts with doubling backoff,
+    a task that fails before it is ready fails the start, a FatalError ends the nursery."""
+    import trio
+    import trio.testing
+
+    from mirrorfs.errors import FatalError
+    from mirrorfs.workers import Supervisor
+
+    runs: list[float] = []
+
+    async def flaky() -> None:
+        runs.append(trio.current_time())
+        if len(runs) < 4:
+            raise ValueError("bug")
+
+    async def never_ready(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise OSError("cannot bind")
+
+    async def fatal() -> None:
+        await trio.sleep(1)
+        raise FatalError("cache directory gone")
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            sup = Supervisor(n)
+            sup.start_soon("flaky", flaky)
+            await trio.sleep(10)
+            assert sup.tasks["flaky"].restarts == 3 and len(runs) == 4
+            gaps = [round(b - a, 3) for a, b in itertools.pairwise(runs)]
+            assert gaps == [0.1, 0.2, 0.4], gaps
+            with pytest.raises(OSError, match="cannot bind"):
+                await sup.start("control", never_ready)
+            sup.start_soon("fatal", fatal)
+            await trio.sleep(3600)
+            raise AssertionError("the FatalError did not end the nursery")
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert info.group_contains(FatalError)
