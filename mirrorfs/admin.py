@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from mirrorfs.audit import audit_stats
 from mirrorfs.cache.db import (
     F_LOST,
+    F_ORPHAN,
     F_PINNED,
     JOB_CLAIMED,
     JOB_FAILED,
+    JOB_PENDING,
     LOCAL_FULL,
     ROOT_INO,
     U64,
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 STAT_NAMES = ("files", "dirs", "symlinks", "bytes", "local_files", "local_bytes",
               "dirty_files", "dirty_bytes", "hits", "misses", "downloads", "download_bytes",
               "evictions", "evicted_bytes", "verify_failures", "whole_hash_downloads",
-              "unverified_downloads", "read_errors", "quarantined")
+              "unverified_downloads", "read_errors", "unstored_pages_dropped", "quarantined")
 MIRROR_STAT_NAMES = ("jobs", "failed", "copies", "copy_bytes", "uploads", "upload_bytes",
                      "deletes", "renames", "last_success")
 
@@ -135,6 +138,8 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
             ms["last_error"] = state.last_error if state else ""
             ms["uploaded"] = ms.pop("copies")
             ms["uploaded_bytes"] = ms.pop("copy_bytes")
+            ms.update(audit_stats(reg, txn, m.index))
+            ms["delayed_deletes"] = len(held_deletes(d, txn, m.index, now))
             mirrors[m.name] = ms
         out["mirrors"] = mirrors
         out["journal_length"] = journal
@@ -319,16 +324,35 @@ async def cmd_unpin(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     return {"unpinned": _set_pin(d, req.get("paths", []), False)}
 
 
-def expedite_all(d: Daemon, inos: list[int] | None = None) -> int:
-    """Skip the cool-down: every pending job (or those of ``inos``) is due now."""
+def held_deletes(d: Daemon, txn: Any, mirror: int, now: float) -> set[int]:
+    """Inodes whose delete on ``mirror`` waits out ``delete_policy = "delayed"``: the undo
+    window, which `drain` and `umount --wait` keep unless told otherwise."""
+    rule = next((r for r in d.reg.mirrors if r.index == mirror), None)
+    if rule is None or rule.delete_policy != "delayed":
+        return set()
+    out = set()
+    for ino, job in d.reg.journal.iter_jobs(txn, mirror):
+        if job.state != JOB_PENDING or job.due <= now:
+            continue
+        node = d.reg.get_txn(txn, ino)
+        if node is None or node.flags & F_ORPHAN:
+            out.add(ino)
+    return out
+
+
+def expedite_all(d: Daemon, inos: list[int] | None = None, deletes: bool = True) -> int:
+    """Skip the cool-down: every pending job (or those of ``inos``) is due now; with
+    ``deletes`` False, not the deletes held by a delayed delete policy."""
     now = time.time()
     n = 0
     with d.reg.db.begin(write=True) as txn:
         for m in d.reg.mirrors:
             targets = inos if inos is not None else [
                 ino for ino, _job in d.reg.journal.iter_jobs(txn, m.index)]
+            held = set() if deletes else held_deletes(d, txn, m.index, now)
             for ino in targets:
-                n += d.reg.journal.expedite(txn, m.index, ino, now)
+                if ino not in held:
+                    n += d.reg.journal.expedite(txn, m.index, ino, now)
     if d.uploader is not None:
         d.uploader.kick()
     return n
@@ -349,22 +373,43 @@ def journal_length(d: Daemon, inos: list[int] | None = None,
                    and (count_failed or job.state != JOB_FAILED))
 
 
+def held_count(d: Daemon) -> int:
+    now = time.time()
+    with d.reg.db.begin() as txn:
+        return sum(len(held_deletes(d, txn, m.index, now)) for m in d.reg.mirrors)
+
+
+def unswept(d: Daemon) -> list[str]:
+    """Mirrors that are up and whose start-up clean-up of cut transfers has not run yet."""
+    if d.auditor is None or d.uploader is None:
+        return []
+    return [m.rule.name for m in d.uploader.mirrors.values()
+            if m.up and m.rule.name not in d.auditor.swept]
+
+
 async def cmd_drain(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
-    """Wait until every mirror holds everything (failed items do not block; they are listed)."""
+    """Wait until every mirror holds everything that is due or can be done now (failed
+    items do not block; they are listed). Deletes held by ``delete_policy = "delayed"`` are
+    reported, not expedited, unless ``deletes`` is set: the undo window survives a drain."""
     timeout = req.get("timeout")
-    expedite_all(d)
+    deletes = bool(req.get("deletes"))
+    expedite_all(d, deletes=deletes)
     start = trio.current_time()
     last = -1.0
+
+    def left() -> int:
+        return journal_length(d, count_failed=False) - (0 if deletes else held_count(d))
+
     with trio.move_on_after(float(timeout) if timeout else float("inf")) as scope:
-        while (left := journal_length(d, count_failed=False)) > 0:
+        while (n := left()) > 0 or unswept(d):
             if trio.current_time() - last >= 1.0:
-                await progress({"pending": left})
+                await progress({"pending": n})
                 last = trio.current_time()
-            expedite_all(d)
+            expedite_all(d, deletes=deletes)
             await trio.sleep(0.1)
     failed = journal_length(d) - journal_length(d, count_failed=False)
-    return {"drained": not scope.cancelled_caught,
-            "pending": journal_length(d, count_failed=False), "failed": failed,
+    return {"drained": not scope.cancelled_caught, "pending": max(0, left()),
+            "failed": failed, "held_deletes": 0 if deletes else held_count(d),
             "seconds": round(trio.current_time() - start, 3)}
 
 

@@ -138,6 +138,13 @@ def print_stats(s: dict[str, Any]) -> None:
                 print(f"{'':<14}paused" + (f" since {since}" if since else "")
                       + (f" by {m['paused_by']}" if m.get("paused_by") else "")
                       + " (mirrorfs resume)")
+            if m.get("audit_last"):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["audit_last"]))
+                print(f"{'':<14}audit {when}: {m['audit_checked']:,} objects, missing "
+                      f"{m['audit_missing']:,}, changed {m['audit_changed']:,}, stray "
+                      f"{m['audit_stray']:,}, foreign {m['audit_foreign']:,}")
+            if m.get("delayed_deletes"):
+                print(f"{'':<14}{m['delayed_deletes']:,} deletes held by the delayed policy")
 
 
 class Progress:
@@ -268,7 +275,8 @@ def a_queue(args: argparse.Namespace) -> int:
     return 0
 
 
-VERIFY_FINE = ("ok", "no_reference", "repaired", "checked")
+#: `verify` findings that are not faults (foreign objects are someone else's business)
+VERIFY_FINE = ("ok", "no_reference", "repaired", "checked", "remote_foreign")
 
 
 def verify_problems(result: dict[str, Any]) -> list[str]:
@@ -401,9 +409,12 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--fetch", action="store_true",
                    help="download remote-only files now (needs the running mirrorfs)")
     cmd("unpin", simple("unpin", paths="paths"), "allow eviction again", paths=True)
-    p = cmd("drain", simple("drain", timeout="timeout"),
-            "upload everything now and wait until every mirror holds it")
+    p = cmd("drain", simple("drain", timeout="timeout", deletes="deletes"),
+            "upload everything now and wait until every mirror holds it (deletes held by "
+            "delete_policy = \"delayed\" are reported, not carried out)")
     p.add_argument("--timeout", type=float)
+    p.add_argument("--deletes", action="store_true",
+                   help="also carry out deletes held by delete_policy = \"delayed\" now")
     p = cmd("move", simple("move", direction="direction", paths="paths"),
             "move files to the mirrors (evict) or to local disk (download and pin)",
             paths=True)

@@ -292,7 +292,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         try:
             if args.wait:
                 progress = Progress()
-                r = client.call("drain", on_progress=progress, timeout=args.timeout)
+                r = client.call("drain", on_progress=progress, timeout=args.timeout,
+                                deletes=args.deletes)
                 progress.done()
                 if not r["drained"]:
                     print(f"mirrorfs umount: {r['pending']} items still pending after "
@@ -388,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--wait", action="store_true",
                    help="first wait until every mirror holds everything")
     u.add_argument("--timeout", type=float, help="with --wait: give up after this many s")
+    u.add_argument("--deletes", action="store_true",
+                   help="with --wait: also carry out deletes held by delete_policy = "
+                   "\"delayed\" (else they stay queued for the next mount)")
     u.set_defaults(func=cmd_umount)
 
     c = sub.add_parser("check-config",

@@ -162,6 +162,10 @@ COMMON_MIRROR: dict[str, Opt] = {
     "rescan_interval": (_duration, 600.0,
                         "seconds between listing passes that find objects written by others"),
     "leader": (_str, "remote", "whose version wins a conflict: a node_id, or remote"),
+    "audit_interval": (_duration, 86400.0,
+                       "seconds between audits that compare the mirror with the registry "
+                       "(0: off)"),
+    "audit_deep": (_bool, False, "audits read every object and check its xxhash"),
 }
 
 MIRROR_OPTIONS: dict[str, dict[str, Opt]] = {
@@ -225,6 +229,8 @@ class MirrorConfig:
     pull_batch: int
     rescan_interval: float
     leader: str
+    audit_interval: float
+    audit_deep: bool
     options: dict[str, Any] = field(hash=False, compare=False)
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ A handler may raise only FUSEError: :func:`handler` maps domain errors through
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
@@ -19,6 +20,7 @@ import itertools
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -129,6 +131,10 @@ class Operations(pyfuse3.Operations):
         self.fsync_limiter = trio.CapacityLimiter(4)
         registry.is_open = self.is_open
         self.on_commit: Callable[[Inode], None] = lambda node: None
+        #: inodes whose kernel caches are being dropped after a failed write (and those that
+        #: failed again meanwhile): see _forget_unstored
+        self._forgetting: set[int] = set()
+        self._forget_again: set[int] = set()
 
     def is_open(self, ino: int) -> bool:
         return ino in self.open_files or ino in self.detached or (
@@ -423,6 +429,53 @@ class Operations(pyfuse3.Operations):
         of = self._of(fh)
         if of is None:
             raise FUSEError(errno.EBADF)
+        try:
+            return await self._write(of, off, buf)
+        except Exception:
+            self._forget_unstored(of.ino)
+            raise
+
+    def _forget_unstored(self, ino: int) -> None:
+        """A write (or the commit after it) of ``ino`` failed, e.g. ENOSPC: the kernel's
+        page cache may hold bytes we never stored (with the writeback cache, everything the
+        application wrote), and readers on this mount would see them until the inode left
+        the kernel's cache. Drop its pages, and its entry, so that the inode leaves the
+        kernel once the writer closes it and the next lookup takes the stored size (with
+        the writeback cache the kernel never takes a size from us for an inode it holds).
+
+        From a thread, not awaited: the kernel first writes back the inode's dirty pages,
+        which are requests this thread must answer (pull.py does the same)."""
+        if ino in self._forgetting:
+            self._forget_again.add(ino)
+            return
+        self._forgetting.add(ino)
+        node = self.reg.get(ino)
+        entry = (node.parent, node.name) if node is not None and node.name and \
+            not node.flags & F_ORPHAN else None
+        token = trio.lowlevel.current_trio_token()
+
+        def work() -> None:
+            try:
+                with contextlib.suppress(OSError, RuntimeError):
+                    pyfuse3.invalidate_inode(ino, False)
+                if entry is not None:
+                    with contextlib.suppress(OSError, RuntimeError):
+                        pyfuse3.invalidate_entry(entry[0], entry[1])
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(done)
+
+        def done() -> None:
+            self._forgetting.discard(ino)
+            if ino in self._forget_again:
+                self._forget_again.discard(ino)
+                self._forget_unstored(ino)
+            elif self.stats is not None:
+                self.stats.bump("unstored_pages_dropped")
+
+        threading.Thread(target=work, name="mirrorfs-forget", daemon=True).start()
+
+    async def _write(self, of: OpenFile, off: int, buf: bytes) -> int:
         if self.space is not None:
             await self.space.reserve_write(of, off, len(buf))
         if not of.dirty:
@@ -441,7 +494,11 @@ class Operations(pyfuse3.Operations):
     def _commit_if_dirty(self, of: OpenFile) -> None:
         if of.dirty:
             size = os.fstat(of.fd).st_size
-            node = self.reg.commit_content(of.ino, size, times=of.times)
+            try:
+                node = self.reg.commit_content(of.ino, size, times=of.times)
+            except Exception:
+                self._forget_unstored(of.ino)
+                raise
             of.times = {}
             of.dirty = False
             if self.space is not None:

@@ -187,10 +187,13 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
 
 async def cmd_verify(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     """Recompute hashes of cached files; with ``remote`` check the mirrors' copies too."""
-    report: dict[str, list[str]] = {"ok": [], "corrupt": [], "no_reference": [],
+    report: dict[str, Any] = {"ok": [], "corrupt": [], "no_reference": [],
                                     "remote_missing": [], "remote_bad": [], "repaired": []}
     nodes = list(files_for(d.reg, req.get("paths", [])))
     repair = bool(req.get("repair"))
+    # the whole mount against the mirrors: the audit (one listing per mirror) instead of a
+    # request per recorded file; it also finds objects no file owns
+    whole = bool(req.get("remote")) and not req.get("paths") and d.auditor is not None
     limiter = trio.CapacityLimiter(2)
     for i, node in enumerate(nodes):
         path = d.reg.path_of(node.ino).decode("utf-8", "backslashreplace")
@@ -206,13 +209,33 @@ async def cmd_verify(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
                     report["repaired"].append(path)
             else:
                 report["ok"].append(path)
-        if req.get("remote"):
+        if req.get("remote") and not whole:
             await _verify_remote(d, node.ino, path, bool(req.get("deep")), repair, report)
         if i % 50 == 0:
             await progress({"checked": i + 1, "total": len(nodes)})
+    if whole:
+        await _audit_all(d, bool(req.get("deep")), repair, report, progress)
     if d.uploader is not None:
         d.uploader.kick()
     return {k: v for k, v in report.items() if v} | {"checked": len(nodes)}
+
+
+async def _audit_all(d: Daemon, deep: bool, repair: bool, report: dict[str, Any],
+                     progress: Progress) -> None:
+    """`verify --remote` of the whole mount: the audit of every mirror (audit.py)."""
+    for name, _idx in mirror_names(d, None):
+        state = d.uploader.by_name(name)[0]
+        await progress({"auditing": name})
+        f = await d.auditor.audit(state, deep=deep, repair=repair)
+        if f.error:
+            report.setdefault("remote_unreachable", []).append(f"{name}: {f.error}")
+        for kind, out in (("missing", "remote_missing"), ("changed", "remote_bad"),
+                          ("stray", "remote_stray"), ("foreign", "remote_foreign")):
+            report.setdefault(out, []).extend(f"{name}:{k}" for k in f.keys[kind])
+        if repair:
+            report["repaired"].extend(f"{name}:{k}" for k in f.repaired)
+        report.setdefault("remote_checked", 0)
+        report["remote_checked"] += f.checked
 
 
 async def _redownload(d: Daemon, ino: int) -> bool:

@@ -55,6 +55,7 @@ class Daemon:
     stats: Any = None
     probes: dict[str, Any] = field(default_factory=dict)
     syncs: list[Any] = field(default_factory=list)
+    auditor: Any = None
     supervisor: Any = None  # workers.Supervisor: restarts failed tasks, counts restarts
     stopping: bool = False
 

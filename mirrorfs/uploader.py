@@ -23,8 +23,13 @@ key on each mirror, and a job takes the keys it touches as *busy* before its fir
 two jobs on one mirror touch one key at once. A job that wants a key owned by another inode
 may overwrite it only if that inode is deleted, unwanted, or still has its content locally
 (it is then re-uploaded under its own path); otherwise it waits for that inode's job to move
-the object away first. Uploads write the new object before deleting the old one, so a crash
-between the two leaves an extra object, never a missing one.
+the object away first. Uploads write the new object before deleting the old one.
+
+Multi-step operations leave no object owned by nothing (``pending`` db, see cache/db.py): the
+delete of an old key is recorded in the transaction that records the new key; an upload to a
+key the inode does not own and a server-side rename are recorded before they start. While an
+inode has such a record its job stays, and every run of the job first finishes them
+(:meth:`Uploader._settle_pending`): after a crash, a failed delete or a cut rename.
 
 Concurrency contract: all LMDB access is here, in short synchronous transactions in the trio
 thread; remotes do their blocking work in threads of their own; hashing runs in a thread under
@@ -51,6 +56,9 @@ from mirrorfs.cache.db import (
     F_ORPHAN,
     LOCAL_FULL,
     MQ,
+    PEND_DELETE,
+    PEND_RENAME,
+    PEND_UPLOAD,
     U64,
     Inode,
     RemoteCopy,
@@ -68,6 +76,7 @@ from mirrorfs.errors import (
 )
 from mirrorfs.hashing import hash_file
 from mirrorfs.remotes.base import ObjectMeta, Remote
+from mirrorfs.seams import crash_point
 
 if TYPE_CHECKING:
     from mirrorfs.cache.store import Store
@@ -127,6 +136,8 @@ class Uploader:
         self.clock = clock
         self.hash_limiter = trio.CapacityLimiter(2)
         self.draining = False
+        #: our mark in the metadata of every object we write (ObjectMeta.writer)
+        self.writer = reg.db.registry_id
         self.on_done: Callable[[int], None] = lambda ino: None
         self._nursery: trio.Nursery | None = None
         self._scheduled: set[int] = set()  # mirrors whose scheduler ran (see _schedule)
@@ -341,6 +352,12 @@ class Uploader:
             node = self.reg.get_txn(txn, ino)
             rc = self.reg.remote_copy(txn, m.rule.index, ino)
             want = self._wanted_path(txn, m, node)
+            pending = self.reg.pending_ops(txn, m.rule.index, ino)
+        if pending:
+            await self._settle_pending(m, ino, want, rc, pending)
+            with self.reg.db.begin() as txn:
+                rc = self.reg.remote_copy(txn, m.rule.index, ino)
+        with self.reg.db.begin() as txn:
             owner = self._owner(txn, m, want) if want is not None else None
         if want is None:
             if rc is not None:
@@ -358,8 +375,11 @@ class Uploader:
         self._take_keys(m, ino, want, rc.path if rc else None)
         if rc is not None and rc.ver == node.ver and rc.ver:
             if rc.path != want:
+                with self.reg.db.begin(write=True) as txn:
+                    self.reg.set_pending(txn, m.rule.index, ino, want, PEND_RENAME, rc.hash)
                 try:
                     await m.remote.rename(remote_key(rc.path), remote_key(want), size=rc.size)
+                    crash_point("rename-done")
                 except NotFound:
                     # A crash after the mirror renamed and before the move was recorded:
                     # the old key is gone. Adopt the object at the new key if it is ours
@@ -372,10 +392,61 @@ class Uploader:
                 self._record_move(m, ino, rc, want)
             if rc.mode != node.mode or rc.mtime_ns != node.mtime_ns:
                 await m.remote.update_meta(remote_key(want), ObjectMeta(
-                    node.size, rc.hash.hex(), node.mtime_ns, node.mode & 0o7777))
+                    node.size, rc.hash.hex(), node.mtime_ns, node.mode & 0o7777,
+                    writer=self.writer))
                 self._record_meta(m, ino, node)
             return
         await self._upload(m, node, want, rc)
+
+    async def _settle_pending(self, m: MirrorState, ino: int, want: bytes | None,
+                              rc: RemoteCopy | None,
+                              pending: list[tuple[bytes, bytes, bytes]]) -> None:
+        """Finish what an earlier run of this job left half done (cut by a crash, a failed
+        delete, a cancelled lease): every ``pending`` record is resolved before the job does
+        anything else, so that each key on the mirror is either owned or deleted."""
+        idx = m.rule.index
+        keys = [key for key, _kind, _h in pending if key != want]
+        self._take_keys(m, ino, *keys)
+        for key, kind, digest in pending:
+            if key == want and kind != PEND_DELETE:
+                continue  # this run uploads or renames to it again and records it
+            with self.reg.db.begin() as txn:
+                owner = self._owner(txn, m, key)
+            if owner is not None or key == want:
+                # owned (by us: it is our recorded copy; by another inode: its object),
+                # or wanted again: nothing of ours to remove
+                with self.reg.db.begin(write=True) as txn:
+                    self.reg.clear_pending(txn, idx, ino, key)
+                continue
+            if kind == PEND_RENAME and rc is not None and rc.path != key:
+                if await self._adopt_renamed(m, ino, rc, key):
+                    with self.reg.db.begin() as txn:
+                        rc = self.reg.remote_copy(txn, idx, ino)
+                    continue
+            if m.rule.delete_policy != "never" or kind == PEND_RENAME:
+                log.info("mirror %s: removing %r left by an unfinished %s", m.rule.name, key,
+                         {PEND_DELETE: "move", PEND_UPLOAD: "upload",
+                          PEND_RENAME: "rename"}.get(kind, "operation"))
+                await m.remote.delete(remote_key(key))
+            with self.reg.db.begin(write=True) as txn:
+                if kind == PEND_DELETE:
+                    bump_counter(txn, self.reg.counters, b"m%d.deletes" % idx, 1)
+                    self._emit(txn, m, "delete", key, hash=digest.hex())
+                self.reg.clear_pending(txn, idx, ino, key)
+
+    async def _adopt_renamed(self, m: MirrorState, ino: int, rc: RemoteCopy,
+                             key: bytes) -> bool:
+        """A rename to ``key`` was cut: if the source is gone and ``key`` holds our object,
+        the mirror finished it; record the move. False: what is at ``key`` is a copy."""
+        try:
+            await m.remote.stat(remote_key(rc.path))
+            return False  # the source is still there
+        except NotFound:
+            pass
+        if not await self._holds_copy(m, key, rc):
+            return False
+        self._record_move(m, ino, rc, key)
+        return True
 
     async def _holds_copy(self, m: MirrorState, path: bytes, rc: RemoteCopy) -> bool:
         """Whether the object at ``path`` has exactly the content ``rc`` records."""
@@ -427,6 +498,7 @@ class Uploader:
         with self.reg.db.begin(write=True) as txn:
             self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
                 new_path, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
+            self.reg.clear_pending(txn, m.rule.index, ino, new_path)
             bump_counter(txn, self.reg.counters, b"m%d.renames" % m.rule.index, 1)
             self._emit(txn, m, "rename", new_path, **{"from": os.fsdecode(rc.path)},
                        hash=rc.hash.hex(), size=rc.size, mtime=rc.mtime_ns,
@@ -467,13 +539,19 @@ class Uploader:
             raise Defer("file is being written", 1.0)
         gen = of.write_gen if of is not None else 0
         src = self.store.path(ino)
+        idx = m.rule.index
+        with self.reg.db.begin(write=True) as txn:
+            # say so before writing it: if the key is not ours yet, a crash must not leave
+            # it owned by nothing; and a crash may leave a temp file in its directory
+            self.reg.set_pending(txn, idx, ino, path, PEND_UPLOAD)
         t0 = trio.current_time()
         whole, chunks, size = await trio.to_thread.run_sync(hash_file, src,
                                                            limiter=self.hash_limiter)
         meta = ObjectMeta(size=size, xxhash=whole, mtime_ns=node.mtime_ns,
-                          mode=node.mode & 0o7777)
+                          mode=node.mode & 0o7777, writer=self.writer)
         t1 = trio.current_time()
         res = await m.remote.put(remote_key(path), src, meta)
+        crash_point("put-done")
         log.debug("mirror %s: uploaded %r (%d bytes): hashed in %.2f s, sent in %.2f s",
                   m.rule.name, path, size, t1 - t0, trio.current_time() - t1)
         of = self.ops.open_files.get(ino) if self.ops is not None else None
@@ -485,8 +563,12 @@ class Uploader:
                     and cur.size == size)
             rc = RemoteCopy(path, node.ver if same else 0, bytes.fromhex(res.xxhash),
                             res.size, node.mode, node.mtime_ns)
-            self.reg.set_remote(txn, m.rule.index, ino, rc)
-            idx = m.rule.index
+            self.reg.set_remote(txn, idx, ino, rc)
+            self.reg.clear_pending(txn, idx, ino, path)
+            if old is not None and old.path != path:
+                # the old key is no longer recorded as ours: its delete is recorded instead,
+                # in this transaction (also when the file changed during the upload)
+                self.reg.set_pending(txn, idx, ino, old.path, PEND_DELETE, old.hash)
             bump_counter(txn, self.reg.counters, b"m%d.uploads" % idx, 1)
             bump_counter(txn, self.reg.counters, b"m%d.upload_bytes" % idx, res.size)
             if same and cur is not None:
@@ -498,14 +580,10 @@ class Uploader:
                                           and old.hash.strip(b"\0")) else None
                 self._emit(txn, m, "put", path, hash=whole, prev=prev, size=size,
                            mtime=node.mtime_ns, mode=node.mode & 0o7777, chunks=chunks.hex())
-        # The old key is no longer recorded anywhere: delete it now, also when the file
-        # changed during the upload (the next run only knows the new key).
         if old is not None and old.path != path:
+            crash_point("upload-recorded")
             with self.reg.db.begin() as txn:
-                owner = self._owner(txn, m, old.path)
-            if owner is None and m.rule.delete_policy != "never":
-                await m.remote.delete(remote_key(old.path))
-                with self.reg.db.begin(write=True) as txn:
-                    self._emit(txn, m, "delete", old.path, hash=old.hash.hex())
+                pending = self.reg.pending_ops(txn, idx, ino)
+            await self._settle_pending(m, ino, path, rc, pending)
         if changed:
             raise Defer("file changed during upload; uploading again", 0.5)

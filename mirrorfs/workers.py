@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from mirrorfs.admin import COMMANDS, file_state, paused_mirrors
+from mirrorfs.audit import Auditor
 from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
@@ -281,6 +282,8 @@ async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
 
     space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
                   dirty_limit=cfg.dirty_limit)
+    auditor = Auditor(daemon)  # before any job runs: it reads the cut uploads' records
+    daemon.auditor = auditor
     uploader = await Uploader.create(reg, store, ops, states, nursery, supervisor=sup)
     daemon.uploader = uploader
     fetcher = Fetcher(reg, store, remotes, list(cfg.read_order), stats, nursery,
@@ -305,6 +308,8 @@ async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
             sync = Sync(daemon, mcfg, mstate)
             daemon.syncs.append(sync)
             sup.start_soon(f"pull:{mcfg.name}", sync.run)
+    for mstate in states:
+        sup.start_soon(f"audit:{mstate.rule.name}", auditor.run, mstate)
     commands = {**COMMANDS, "import": cmd_import, "verify": cmd_verify, "pull": cmd_pull,
                 "conflicts": cmd_conflicts, "problems": cmd_problems}
     if os.environ.get(TEST_HOOKS_ENV) == "1":

@@ -197,6 +197,7 @@ def test_verify_local_and_remote_with_repair(make_mount: Any, s3: Any) -> None:
     m = make_mount({"s3": s3m(s3)}, upload_delay=0)
     m.expect_log(r"does not match its xxhash")
     m.expect_log(r"verify: copy of")
+    m.expect_log(r"was changed behind our back|is missing \(the mirror lost it\)")
     data = os.urandom(300_000)
     (m.path / "v1").write_bytes(data)
     (m.path / "v2").write_bytes(b"second" * 1000)

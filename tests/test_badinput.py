@@ -398,6 +398,13 @@ def test_full_cache_disk_gives_enospc_and_recovers(small_disk: Path, make_mount:
     for name, data in written.items():
         drop_page_cache(m.path / name)
         assert (m.path / name).read_bytes() == data, name
+    # The file whose close failed: on this mount, without dropping anything, readers see
+    # what the daemon stored (what a remount shows), not what the kernel still cached of
+    # the failed writes (before: all 4 MiB, until the inode left the kernel's cache).
+    failed = m.path / f"f{len(written):02d}"
+    m.wait_for(lambda: admin(m, "stats")["unstored_pages_dropped"] >= 1)
+    seen_here = failed.read_bytes()
+    assert seen_here != data, "the bytes of the failed writes are still served"
     # still full: a new file cannot take a whole 4 MiB, but the mount answers
     with contextlib.suppress(OSError):
         _write(m.path / "more", os.urandom(4 * MiB))
@@ -416,6 +423,8 @@ def test_full_cache_disk_gives_enospc_and_recovers(small_disk: Path, make_mount:
         drop_page_cache(m.path / name)
         assert (m.path / name).read_bytes() == data, name
     assert m.umount() == 0
+    m.start()
+    assert failed.read_bytes() == seen_here, "the failed file reads differently after a remount"
 
 
 def test_cache_disk_filled_by_another_program(small_disk: Path, make_mount: Any,

@@ -7,6 +7,8 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
 ``meta``      b"schema" -> version; b"next_ino" -> >Q next inode number (never reused);
               b"paused:" + mirror name -> JSON {"since": unix time, "by": user}: uploads to
               that mirror paused by ``mirrorfs pause`` (survives a remount; resume deletes it).
+              b"registry_id" -> 16 hex digits made with the registry, written into the
+              metadata of every object we upload (``ObjectMeta.writer``; audit.py).
 ``inodes``    >Q ino -> :class:`Inode`.
 ``dentries``  >Q parent + name bytes -> >Q child ino.
 ``xattrs``    >Q ino + name bytes -> value bytes.
@@ -22,6 +24,23 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
 ``conflicts`` >d time + >Q ino -> utf-8 JSON line.
 ``outbox``    >H mirror + >Q seq -> utf-8 JSON change record not yet published to the mirror's
               change log (multi-node; see mirrorfs/pull.py).
+``pending``   >H mirror + >Q ino + key bytes -> kind (1 byte) + xxh3_128 (16 bytes): a step of
+              a multi-step remote operation of that inode's job that is not finished yet. It
+              is written in the transaction before the remote step (or, for an old key, in
+              the one that records the new key) and removed in the transaction after it, so
+              that no object on a mirror is ever owned by nothing. While an inode has one, its
+              job is kept (a restart or a retry carries it out; see uploader._settle_pending):
+
+              ``PEND_DELETE`` the inode's object moved to another key (upload of a renamed or
+              replaced file): the object at this key must be deleted, unless another inode
+              owns the key by then. The hash is the old object's.
+              ``PEND_UPLOAD`` an upload to this key was started and is not recorded yet: if
+              the inode no longer wants the key when the job runs again, whatever the upload
+              left there is deleted (unless another inode owns the key).
+              ``PEND_RENAME`` a server-side rename to this key was started (S3: copy, then
+              delete the source; FTP: maybe delete the destination, then RNFR/RNTO): if the
+              source (the inode's recorded key) still exists, what is here is a copy and is
+              deleted; if not, the object here is the moved one and is adopted.
 ``problems``  b"pull:" + mirror identity + ":" + object key + b"\0" + >Q line (0: the whole
               object) -> utf-8 JSON: input from a mirror that was quarantined (pull.py).
 """
@@ -29,6 +48,7 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 from dataclasses import dataclass, replace
 from typing import Any
@@ -55,6 +75,11 @@ I64 = struct.Struct(">q")
 MQ = struct.Struct(">HQ")  # mirror + ino
 MDQ = struct.Struct(">HdQ")  # mirror + due + ino
 ZERO_HASH = b"\0" * 16
+
+# kinds of ``pending`` records (see the module docstring)
+PEND_DELETE = b"d"
+PEND_UPLOAD = b"u"
+PEND_RENAME = b"r"
 
 
 @dataclass(slots=True)
@@ -157,7 +182,8 @@ class Database:
     """
 
     NAMES = ("meta", "inodes", "dentries", "xattrs", "chunks", "mirrors", "jobs", "queue",
-             "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "problems")
+             "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "pending",
+             "problems")
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = 1 << 36) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -183,7 +209,15 @@ class Database:
             elif U64.unpack(v)[0] != SCHEMA_VERSION:
                 raise RuntimeError(f"registry schema {U64.unpack(v)[0]} is not supported "
                                    f"(this mirrorfs knows {SCHEMA_VERSION})")
+            if txn.get(b"registry_id", db=self.db["meta"]) is None:
+                txn.put(b"registry_id", secrets.token_hex(8).encode(), db=self.db["meta"])
         self.flush()
+
+    @property
+    def registry_id(self) -> str:
+        with self.env.begin() as txn:
+            v = txn.get(b"registry_id", db=self.db["meta"])
+        return bytes(v).decode() if v else ""
 
     def begin(self, write: bool = False) -> lmdb.Transaction:
         return self.env.begin(write=write)

@@ -443,11 +443,13 @@ class Registry:
         self._orphan(txn, node, now)
         # A mirror that never got the file needs to hear nothing: created and deleted inside
         # the cool-down costs no remote operation and leaves no job. (A job in flight stays:
-        # its upload may land, and the delete must follow it.)
+        # its upload may land, and the delete must follow it; so does a job with an
+        # unfinished step, e.g. an upload cut by a crash, whose object may be there.)
         for m in self.mirrors:
             job = self.journal.get(txn, m.index, node.ino)
             if (job is not None and job.state != JOB_CLAIMED
-                    and txn.get(MQ.pack(m.index, node.ino), db=self.remote) is None):
+                    and txn.get(MQ.pack(m.index, node.ino), db=self.remote) is None
+                    and not self.has_pending(txn, m.index, node.ino)):
                 self.journal.drop(txn, m.index, node.ino)
         self._journal(txn, node, None, delete=True)
         if not self.is_open(node.ino):
@@ -524,6 +526,7 @@ class Registry:
                 if self.rpath_owner(txn, m.index, rc.path) == old.ino:
                     txn.put(U16.pack(m.index) + rc.path, U64.pack(new.ino),
                             db=self.db.db["rpath"])
+            self._move_pending(txn, m.index, old.ino, new.ino)
             job = self.journal.get(txn, m.index, old.ino)
             if job is not None:  # pending (keeps its due time) or failed (runs again)
                 self.journal.drop(txn, m.index, old.ino)
@@ -680,6 +683,38 @@ class Registry:
             bump_counter(txn, self.counters, b"m%d.copy_bytes" % mirror, -rc.size)
         if path is not None and self.rpath_owner(txn, mirror, path) == ino:
             txn.delete(U16.pack(mirror) + path, db=self.db.db["rpath"])
+
+    # Unfinished multi-step remote operations of an inode's job (the ``pending`` db).
+
+    def pending_ops(self, txn: lmdb.Transaction, mirror: int,
+                    ino: int) -> list[tuple[bytes, bytes, bytes]]:
+        """(key, kind, hash) of every unfinished step of (mirror, ino), in key order."""
+        prefix = MQ.pack(mirror, ino)
+        out = []
+        cur = txn.cursor(db=self.db.db["pending"])
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if k[:MQ.size] != prefix:
+                    break
+                out.append((bytes(k[MQ.size:]), bytes(v[:1]), bytes(v[1:17])))
+        return out
+
+    def has_pending(self, txn: lmdb.Transaction, mirror: int, ino: int) -> bool:
+        prefix = MQ.pack(mirror, ino)
+        cur = txn.cursor(db=self.db.db["pending"])
+        return bool(cur.set_range(prefix)) and cur.key()[:MQ.size] == prefix
+
+    def set_pending(self, txn: lmdb.Transaction, mirror: int, ino: int, key: bytes,
+                    kind: bytes, digest: bytes = ZERO_HASH) -> None:
+        txn.put(MQ.pack(mirror, ino) + key, kind + digest, db=self.db.db["pending"])
+
+    def clear_pending(self, txn: lmdb.Transaction, mirror: int, ino: int, key: bytes) -> None:
+        txn.delete(MQ.pack(mirror, ino) + key, db=self.db.db["pending"])
+
+    def _move_pending(self, txn: lmdb.Transaction, mirror: int, old: int, new: int) -> None:
+        for key, kind, digest in self.pending_ops(txn, mirror, old):
+            self.clear_pending(txn, mirror, old, key)
+            self.set_pending(txn, mirror, new, key, kind, digest)
 
     def set_remote(self, txn: lmdb.Transaction, mirror: int, ino: int, rc: RemoteCopy) -> None:
         """Record that ``mirror`` holds ``rc`` for ``ino``, owning key ``rc.path``."""

@@ -17,8 +17,9 @@ import functools
 import logging
 import os
 import random
+import secrets
 import urllib.parse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -39,6 +40,10 @@ META_HASH = "mirrorfs-xxh3"
 META_SIZE = "mirrorfs-size"
 META_MTIME = "mirrorfs-mtime-ns"
 META_MODE = "mirrorfs-mode"
+#: The registry that wrote the object (``Database.registry_id``): an object that carries our
+#: id and that no record owns is a stray of ours; anything else is foreign (another node's,
+#: someone else's, or from before the registry was made) and never deleted by an audit.
+META_WRITER = "mirrorfs-writer"
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,12 @@ class ObjectMeta:
     xxhash: str | None = None  # hex xxh3_128 of the whole content
     mtime_ns: int | None = None
     mode: int | None = None
+    writer: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         d = {META_SIZE: str(self.size)}
+        if self.writer is not None:
+            d[META_WRITER] = self.writer
         if self.xxhash is not None:
             d[META_HASH] = self.xxhash
         if self.mtime_ns is not None:
@@ -80,6 +88,7 @@ class ObjectMeta:
             xxhash=digest,
             mtime_ns=_int(META_MTIME, -(1 << 63), (1 << 63) - 1),
             mode=_int(META_MODE, 0, 0o7777, 8),
+            writer=d.get(META_WRITER),
         )
 
 
@@ -207,6 +216,22 @@ class Remote(abc.ABC):
     async def aclose(self) -> None:  # noqa: B027
         """Release connections and threads."""
 
+    #: Whether every object we write carries our ObjectMeta (so that one without it, or
+    #: with another hash, at a key we own was changed behind our back).
+    keeps_meta: bool = False
+    #: Whether an object's listed mtime is the file's mtime we set (``ObjectMeta.mtime_ns``)
+    #: rather than the time it was written: a listed mtime that differs from the recorded
+    #: one is then a change behind our back.
+    keeps_mtime: bool = False
+
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
+        """Remove what cut transfers left (temp files, incomplete multipart uploads) that
+        this process did not start and that is older than ``cutoff`` (wall-clock seconds).
+        ``dirs``: only in these directories (keys without the last component, "" for the
+        top), else everywhere. Returns how many were removed. Remotes whose transfers leave
+        nothing do nothing."""
+        return 0
+
     def url(self, key: str) -> str | None:
         """Public URL of ``key`` if the config gives a URL base for this mirror."""
         return None
@@ -265,6 +290,19 @@ def make_remote(name: str, kind: str, options: dict[str, Any]) -> Remote:
 
 #: Prefix of upload temp files; never listed, and refused as a key component.
 TMP_PREFIX = ".mirrorfs-tmp-"
+#: This process's mark in the names of its temp files (``tmp_name``): a temp file without
+#: it belongs to a transfer of another process, over since a crash, or of another node.
+PROCESS_TOKEN = secrets.token_hex(4)
+
+
+def tmp_name() -> str:
+    return f"{TMP_PREFIX}{PROCESS_TOKEN}-{secrets.token_hex(8)}"
+
+
+def stale_temp(name: str, mtime: float | None, cutoff: float) -> bool:
+    """Whether a temp file ``name`` is the remains of a cut transfer to be removed."""
+    return (name.startswith(TMP_PREFIX) and not name.startswith(TMP_PREFIX + PROCESS_TOKEN)
+            and (mtime is None or mtime < cutoff))
 #: Prefix of the objects ``probe()`` writes.
 PROBE_PREFIX = ".mirrorfs-probe-"
 

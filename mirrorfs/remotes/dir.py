@@ -20,7 +20,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -47,7 +47,9 @@ from mirrorfs.remotes.base import (
     quote_key,
     retry,
     split_key,
+    stale_temp,
     subtree_may_match,
+    tmp_name,
 )
 
 log = logging.getLogger(__name__)
@@ -247,7 +249,7 @@ class DirRemote(Remote):
             os.close(src)
 
     def _put_sync(self, parts: list[str], src: int, meta: ObjectMeta) -> PutResult:
-        tmp = TMP_PREFIX + secrets.token_hex(8)
+        tmp = tmp_name()
         with self._tree_lock:
             dfd = self._open_dir(parts[:-1], create=True)
             try:
@@ -407,6 +409,51 @@ class DirRemote(Remote):
             self._write_meta(fd, meta)
         finally:
             os.close(fd)
+
+    @property
+    def keeps_meta(self) -> bool:  # type: ignore[override]
+        return self._xattr_ok
+
+    keeps_mtime = True
+
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
+        return await self._run(self._clean_temps_sync, cutoff, dirs)
+
+    def _clean_temps_sync(self, cutoff: float, dirs: Sequence[str] | None) -> int:
+        """Look for stale temp files by descriptors (never following a symlink): in
+        ``dirs``, or in the whole tree."""
+        n = 0
+        base = self._open_base()
+        os.close(base)
+        if dirs is None:
+            for _dir, _subdirs, files, dfd in os.fwalk(self.base, follow_symlinks=False):
+                n += self._clean_dir(dfd, files, cutoff)
+            return n
+        for d in dirs:
+            try:
+                dfd = self._open_dir(split_key(d) if d else [], create=False)
+            except (OSError, InvalidKey, RemoteError):
+                continue
+            try:
+                n += self._clean_dir(dfd, os.listdir(dfd), cutoff)
+            finally:
+                os.close(dfd)
+        return n
+
+    @staticmethod
+    def _clean_dir(dfd: int, names: Sequence[str], cutoff: float) -> int:
+        n = 0
+        for name in names:
+            if not name.startswith(TMP_PREFIX):
+                continue
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and stale_temp(name, st.st_mtime, cutoff):
+                    os.unlink(name, dir_fd=dfd)
+                    n += 1
+            except FileNotFoundError:
+                continue
+        return n
 
     async def probe(self) -> None:
         """Round-trip a small file at the top of the base, the way put and read would."""

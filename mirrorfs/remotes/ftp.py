@@ -28,7 +28,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
@@ -59,7 +59,9 @@ from mirrorfs.remotes.base import (
     quote_key,
     retry,
     split_key,
+    stale_temp,
     subtree_may_match,
+    tmp_name,
 )
 
 log = logging.getLogger(__name__)
@@ -574,7 +576,7 @@ class FtpRemote(Remote):
         (timeout, cancellation) leaves that to a clean-up task on a fresh connection.
         """
         final = self._path([*dir_parts, name])
-        tmp = self._path([*dir_parts, TMP_PREFIX + secrets.token_hex(8)])
+        tmp = self._path([*dir_parts, tmp_name()])
         replies = client.replies
         try:
             try:
@@ -769,6 +771,31 @@ class FtpRemote(Remote):
 
         await walk(start_parts, start + "/" if start else "")
         return page
+
+    async def _a_clean_temps(self, client: aioftp.Client, cutoff: float,
+                             dirs: Sequence[str] | None) -> int:
+        n = 0
+
+        async def walk(dir_parts: list[str], deep: bool) -> None:
+            nonlocal n
+            for name, is_dir, _size, mtime_ns in await self._a_list_dir(client, dir_parts):
+                if is_dir:
+                    if deep:
+                        await walk([*dir_parts, name], deep)
+                elif stale_temp(name, None if mtime_ns is None else mtime_ns / 1e9, cutoff):
+                    with contextlib.suppress(aioftp.StatusCodeError):
+                        await client.command("DELE " + self._path([*dir_parts, name]), "2xx")
+                        n += 1
+
+        if dirs is None:
+            await walk([], True)
+        for d in dirs or []:
+            try:
+                parts = split_key(d) if d else []
+            except InvalidKey:
+                continue
+            await walk(parts, False)
+        return n
 
     async def _a_probe(self, client: _Client) -> None:
         payload = secrets.token_bytes(64)
@@ -971,6 +998,9 @@ class FtpRemote(Remote):
     @retry()
     async def stat(self, key: str) -> RemoteStat:
         return await self._op(f"stat {key}", self._a_stat, self._parts(key), key)
+
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
+        return await self._op("remove stale temp files", self._a_clean_temps, cutoff, dirs)
 
     async def probe(self) -> None:
         await self._op("probe", self._a_probe)

@@ -19,7 +19,7 @@ import mimetypes
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -52,6 +52,7 @@ from mirrorfs.remotes.base import (
     quote_key,
     retry,
 )
+from mirrorfs.seams import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class S3Remote(Remote):
         self._disk_limiter = trio.CapacityLimiter(2)
         self._client: Any = None
         self._client_lock = threading.Lock()
+        #: multipart uploads (and copies) this process has in flight: never cleaned up
+        self._active_uploads: set[str] = set()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -369,6 +372,7 @@ class S3Remote(Remote):
                                   Metadata=meta.as_dict(), ContentType=_content_type(full),
                                   **self._storage(), **checksum)
             upload_id = resp["UploadId"]
+            self._active_uploads.add(upload_id)
             try:
                 parts: dict[int, dict[str, str]] = {}
                 hasher = xxhash.xxh3_128()
@@ -378,6 +382,8 @@ class S3Remote(Remote):
             except BaseException:
                 await self._abort(full, upload_id, f"upload of {full}")
                 raise
+            finally:
+                self._active_uploads.discard(upload_id)
         finally:
             os.close(fd)
         return PutResult(size=total, xxhash=hasher.hexdigest(), etag=_etag(done.get("ETag")))
@@ -503,10 +509,12 @@ class S3Remote(Remote):
             await self._s3("copy_object", f"copy {sfull} to {dfull}", Key=dfull,
                            CopySource={"Bucket": self.bucket, "Key": sfull},
                            MetadataDirective="COPY", **self._storage())
+            crash_point("s3-copied")
             await self._s3("delete_object", f"rename {src}", Key=sfull)
             return
         head = await self._s3("head_object", f"rename {src}", Key=sfull)
         await self._copy(sfull, dfull, head, None)
+        crash_point("s3-copied")
         await self._s3("delete_object", f"rename {src}", Key=sfull)
 
     async def _copy(self, sfull: str, dfull: str, head: dict[str, Any],
@@ -529,6 +537,15 @@ class S3Remote(Remote):
         resp = await self._s3("create_multipart_upload", f"copy {sfull} to {dfull}", Key=dfull,
                               Metadata=metadata, ContentType=content_type, **self._storage())
         upload_id = resp["UploadId"]
+        self._active_uploads.add(upload_id)
+        try:
+            await self._copy_parts(sfull, dfull, head, upload_id, size)
+        finally:
+            self._active_uploads.discard(upload_id)
+
+    async def _copy_parts(self, sfull: str, dfull: str, head: dict[str, Any], upload_id: str,
+                          size: int) -> None:
+        source = {"Bucket": self.bucket, "Key": sfull}
         part_size = max(self.copy_part_size, math.ceil(size / MAX_PARTS), MIN_PART)
         parts: dict[int, dict[str, str]] = {}
         limiter = trio.CapacityLimiter(self.part_uploaders)
@@ -583,6 +600,28 @@ class S3Remote(Remote):
         if resp.get("IsTruncated") and key is not None:
             page.cursor = key
         return page
+
+    keeps_meta = True
+
+    async def clean_temps(self, cutoff: float, dirs: Sequence[str] | None = None) -> int:
+        """Abort incomplete multipart uploads under our prefix that this process is not
+        running and that were started before ``cutoff`` (they cost storage until aborted)."""
+        n = 0
+        kwargs: dict[str, Any] = {"Prefix": self.prefix}
+        while True:
+            resp = await self._s3("list_multipart_uploads", "list incomplete uploads",
+                                  **kwargs)
+            for up in resp.get("Uploads", []):
+                if up["UploadId"] in self._active_uploads:
+                    continue
+                if up["Initiated"].timestamp() >= cutoff:
+                    continue
+                await self._abort(up["Key"], up["UploadId"], f"cut upload of {up['Key']}")
+                n += 1
+            if not resp.get("IsTruncated"):
+                return n
+            kwargs["KeyMarker"] = resp.get("NextKeyMarker", "")
+            kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker", "")
 
     @retry()
     async def stat(self, key: str) -> RemoteStat:
