@@ -9,6 +9,7 @@ a million files as on ten.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import stat
@@ -34,14 +35,17 @@ from mirrorfs.cache.db import (
 )
 from mirrorfs.cache.registry import Registry
 from mirrorfs.control import Command, Progress
+from mirrorfs.errors import MirrorfsError
 
 if TYPE_CHECKING:
     from mirrorfs.mount import Daemon
 
+log = logging.getLogger(__name__)
+
 STAT_NAMES = ("files", "dirs", "symlinks", "bytes", "local_files", "local_bytes",
               "dirty_files", "dirty_bytes", "hits", "misses", "downloads", "download_bytes",
               "evictions", "evicted_bytes", "verify_failures", "whole_hash_downloads",
-              "unverified_downloads", "read_errors", "unstored_pages_dropped")
+              "unverified_downloads", "read_errors", "unstored_pages_dropped", "quarantined")
 MIRROR_STAT_NAMES = ("jobs", "failed", "copies", "copy_bytes", "uploads", "upload_bytes",
                      "deletes", "renames", "server_copies", "last_success")
 
@@ -142,6 +146,8 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
     from mirrorfs.pull import sync_stats
 
     out["pull"] = sync_stats(d)
+    # per supervised task: restarts after an unexpected exception (see workers.Supervisor)
+    out["tasks"] = d.supervisor.stats() if d.supervisor is not None else {}
     out["cache_size"] = d.cfg.cache_size
     out["dirty_limit"] = d.cfg.dirty_limit
     out["online"] = d.uploader is not None
@@ -412,13 +418,20 @@ async def cmd_move(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     nodes = list(files_for(d.reg, req.get("paths", [])))
     if direction == "to-local":
         n = 0
+        failed: list[dict[str, str]] = []  # one file's problem is not the whole move's
         for node in nodes:
             if node.local != LOCAL_FULL:
-                await d.fetcher.fetch_all(node)
+                try:
+                    await d.fetcher.fetch_all(node)
+                except (MirrorfsError, OSError) as exc:
+                    path = d.reg.path_of(node.ino).decode("utf-8", "backslashreplace")
+                    failed.append({"path": path, "reason": str(exc)})
+                    log.warning("move --to-local: %r: %s", path, exc)
+                    continue
                 n += 1
             await progress({"done": n, "total": len(nodes)})
         _set_pin(d, req.get("paths", []), True)
-        return {"downloaded": n, "pinned": len(nodes)}
+        return {"downloaded": n, "pinned": len(nodes), "failed": failed}
     if direction != "to-remote":
         raise ValueError("direction must be to-local or to-remote")
     inos = [n.ino for n in nodes]

@@ -22,7 +22,7 @@ from mirrorfs.errors import ConfigError
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url",
-              "conflicts", "pause", "resume"}
+              "conflicts", "pause", "resume", "problems"}
 
 
 class AdminError(Exception):
@@ -112,6 +112,12 @@ def print_stats(s: dict[str, Any]) -> None:
           f"verify failures {s['verify_failures']:,}")
     print(f"journal       {s['journal_length']:,} pending jobs"
           + ("" if s.get("online") else "   (daemon not running)"))
+    restarts = sum(t["restarts"] for t in s.get("tasks", {}).values())
+    if restarts or s.get("quarantined"):
+        failed = ", ".join(f"{n} {t['restarts']}" for n, t in s.get("tasks", {}).items()
+                           if t["restarts"])
+        print(f"problems      {s.get('quarantined', 0):,} quarantined (mirrorfs problems)"
+              f"   task restarts {restarts:,}" + (f" ({failed})" if failed else ""))
     if s["mirrors"]:
         print()
         print(f"{'mirror':<14}{'state':<9}{'uploaded':>10}{'bytes':>12}{'pending':>9}"
@@ -199,9 +205,9 @@ def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
         async def progress(p: dict[str, Any]) -> None:
             Progress()(p)
 
-        from mirrorfs.pull import cmd_conflicts
+        from mirrorfs.pull import cmd_conflicts, cmd_problems
 
-        commands = {**COMMANDS, "conflicts": cmd_conflicts}
+        commands = {**COMMANDS, "conflicts": cmd_conflicts, "problems": cmd_problems}
         return trio.run(commands[cmd], d, req, progress)
     finally:
         db.flush()
@@ -283,13 +289,22 @@ def simple(cmd: str, **fields: str) -> Any:
     def fn(args: argparse.Namespace) -> int:
         req = {k: getattr(args, v) for k, v in fields.items()}
         result = call(args, cmd, **req)
+        bad: list[dict[str, str]] = []  # items a batch command skipped (import, move)
+        if isinstance(result, dict):
+            for k in ("skipped", "failed"):
+                if isinstance(result.get(k), list):
+                    bad += result[k] if args.json else result.pop(k)
         emit(args, result, None if args.json else " ".join(
             f"{k}: {v}" for k, v in result.items()) if isinstance(result, dict) else None)
+        for item in bad:
+            name = item.get("key", item.get("path", ""))
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            print(f"mirrorfs {cmd}: skipped '{shown}': {item['reason']}", file=sys.stderr)
         if cmd == "drain" and isinstance(result, dict) and not result.get("drained"):
             return EXIT_FAIL
         if cmd == "verify" and isinstance(result, dict) and verify_problems(result):
             return EXIT_FAIL
-        return EXIT_OK
+        return EXIT_FAIL if bad else EXIT_OK
 
     return fn
 
@@ -343,6 +358,19 @@ def a_conflicts(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"]))
         print(f"{when}  {c['path']}: {c['winner']} won; {c['loser']}'s version kept as "
               f"{c['conflict_path']}  (mirror {c['mirror']})")
+    return 0
+
+
+def a_problems(args: argparse.Namespace) -> int:
+    result = call(args, "problems")
+    if args.json:
+        emit(args, result)
+        return 0
+    for p in result:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["time"]))
+        where = f"line {p['line']}" if p["line"] else "whole object"
+        print(f"{when}  {p['kind']} {p['object']} ({where}, mirror {p['mirror']}): "
+              f"{p['problem']}")
     return 0
 
 
@@ -415,6 +443,8 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     cmd("pull", simple("pull", mirror="mirror"),
         "apply other nodes' changes now (mirrors with pull = true)", mirror="optional")
     cmd("conflicts", a_conflicts, "the conflict log: what lost, and where it was kept")
+    cmd("problems", a_problems, "input from the mirrors that was quarantined (bad change-log "
+        "records)")
     p = cmd("url", a_url, "public URL of a file on a mirror")
     p.add_argument("path")
     p.add_argument("mirror", nargs="?")

@@ -15,7 +15,7 @@ import socket
 import stat
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlparse
 
@@ -232,6 +232,13 @@ class MirrorConfig:
     audit_interval: float
     audit_deep: bool
     options: dict[str, Any] = field(hash=False, compare=False)
+
+    def __repr__(self) -> str:
+        """The dataclass repr with secrets (password, secret key) redacted: a repr ends up in
+        logs and tracebacks."""
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if f.name != "options"]
+        return f"MirrorConfig({', '.join(parts)}, options={redacted(self.options)!r})"
 
     def identity(self) -> str:
         """What makes two configs point at the same remote store (cursors are kept per it)."""

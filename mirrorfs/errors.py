@@ -1,8 +1,14 @@
 """Domain exceptions and the one place that turns them into errno values.
 
-Every layer below the FUSE handlers raises these (or OSError from the local disk); only
-:func:`to_errno` decides what the kernel sees. An exception that is none of these is a bug: the
-handler wrapper logs it with the path and answers EIO, so the mount survives.
+Every layer below the FUSE handlers (cache/, remotes/, the uploader, pull) raises these (or
+OSError from the local disk); only :func:`to_errno`, called by the handler wrapper in fs.py,
+decides what the kernel sees. An exception that is none of these is a bug: the handler
+wrapper logs it with the operation and inode and answers EIO, so the mount survives.
+
+Three failures that look alike to a reader are kept apart, because each needs a different
+fix: :class:`NoGoodCopy` (no mirror has the bytes: a mirror problem), :class:`LocalDiskError`
+(our own disk refused a write: a local problem) and :class:`RemoteUnavailable` (a mirror does
+not answer). Each is logged with its own line.
 """
 
 from __future__ import annotations
@@ -64,8 +70,30 @@ class IntegrityError(MirrorfsError):
     """Downloaded bytes did not match the recorded xxhash."""
 
 
-class RetriesExhausted(MirrorfsError):
-    """Every attempt and every mirror failed; the reader gets EIO."""
+class NoGoodCopy(MirrorfsError):
+    """No mirror has (verified) bytes of this version of the file: every source was tried,
+    or none records it. The reader gets EIO."""
+
+
+class LocalDiskError(MirrorfsError):
+    """The local cache disk refused an operation (full, read-only, I/O error) while we were
+    storing bytes that came from a mirror. Not the mirrors' fault: no other mirror is tried.
+    Carries the disk's errno (ENOSPC for a full disk)."""
+
+    def __init__(self, exc: OSError, what: str) -> None:
+        super().__init__(f"local disk: {what}: {exc.strerror or exc}")
+        self.errno = exc.errno or errno.EIO
+        self.cause = exc
+
+
+class BadRecord(MirrorfsError):
+    """Input from a mirror (a change-log record, a change-log object) that fails its schema:
+    quarantined and skipped, never applied."""
+
+
+class FatalError(MirrorfsError):
+    """The daemon cannot go on (the cache directory is gone, the registry is unusable): the
+    supervisor does not restart the task, the mount ends."""
 
 
 def to_errno(exc: BaseException) -> int:

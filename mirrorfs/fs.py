@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -63,8 +64,22 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+#: the handler arguments an error line may name: numbers that identify, never contents (a
+#: write's buffer is file data, a setxattr's value may be a secret, names may be private)
+_LOGGED_ARGS = ("inode", "parent_inode", "fh", "off", "size", "parent_inode_old",
+                "parent_inode_new", "new_parent_inode", "flags")
+
+
 def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn every exception into a FUSEError; an unexpected one is a logged bug, not a crash."""
+    """Turn every exception into a FUSEError; an unexpected one is a logged bug, not a crash.
+
+    This is the one place where domain errors become errno values (errors.to_errno)."""
+    params = list(inspect.signature(fn).parameters)[1:]  # without self
+    logged = [(i, p) for i, p in enumerate(params) if p in _LOGGED_ARGS]
+
+    def where(args: tuple[Any, ...]) -> str:
+        return fn.__name__ + "(" + ", ".join(
+            f"{p}={args[i + 1]}" for i, p in logged if i + 1 < len(args)) + ")"
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -74,10 +89,10 @@ def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
             raise
         except (FsError, MirrorfsError, OSError) as exc:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s%r: %s", fn.__name__, args[1:], exc)
+                log.debug("%s: %s", where(args), exc)
             raise FUSEError(to_errno(exc)) from None
         except Exception:
-            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
+            log.exception("unexpected error in %s", where(args))
             raise FUSEError(errno.EIO) from None
 
     return wrapper

@@ -18,9 +18,9 @@ from mirrorfs.admin import files_for, mirror_names
 from mirrorfs.cache.db import LOCAL_FULL, LOCAL_NONE
 from mirrorfs.config import Config
 from mirrorfs.control import Progress
-from mirrorfs.errors import MirrorfsError, NotFound, PermanentRemoteError
+from mirrorfs.errors import InvalidKey, MirrorfsError, NotFound, PermanentRemoteError
 from mirrorfs.hashing import file_digest
-from mirrorfs.remotes.base import Remote
+from mirrorfs.remotes.base import MAX_FILE_SIZE, Remote
 
 if TYPE_CHECKING:
     from mirrorfs.mount import Daemon
@@ -112,20 +112,32 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
         v = txn.get(cursor_key, db=cursors)
     cursor = bytes(v).decode() if v else None
     counts = {"added": 0, "attached": 0, "exists": 0, "blocked": 0, "rejected": 0,
-              "dirs": 0}
+              "dirs": 0, "unreadable": 0}
+    #: keys not imported and why: a bad key is that key's problem, never the end of the run
+    skipped: list[dict[str, str]] = []
     resumed = cursor is not None
     with_meta = not req.get("fast")
     while True:
         page = await remote.list(prefix, cursor, limit=int(req.get("batch", 1000)))
         metas = {}
-        if with_meta:
-            for st in page.entries:
-                try:
+        unreadable = set()
+        for st in page.entries:
+            try:
+                remote.check_key(st.key)  # one the mirror cannot address can never be read
+                if with_meta:
                     metas[st.key] = (await remote.stat(st.key)).meta
-                except NotFound:
-                    metas[st.key] = None
+            except NotFound:
+                metas[st.key] = None
+            except (InvalidKey, PermanentRemoteError) as exc:
+                counts["unreadable"] += 1
+                unreadable.add(st.key)
+                skipped.append({"key": st.key, "reason": str(exc)})
+                log.warning("import from %s: key %r cannot be read from the mirror (%s); "
+                            "skipped", name, st.key[:200], exc)
         with d.reg.db.begin(write=True) as txn:
             for st in page.entries:
+                if st.key in unreadable:
+                    continue
                 rel = st.key[len(prefix):] if prefix and st.key.startswith(prefix) else st.key
                 marker = safe_key(rel[:-1]) if rel.endswith("/") and st.size == 0 else None
                 if marker is not None:  # an S3 folder marker ("dir/", no bytes): a directory
@@ -136,11 +148,18 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
                 path = safe_key(rel)
                 if path is None:
                     counts["rejected"] += 1
+                    skipped.append({"key": st.key, "reason": "cannot be a path in the mount"})
                     log.warning("import from %s: key %r cannot be a path in the mount; skipped",
                                 name, st.key)
                     continue
                 meta = metas.get(st.key) or st.meta
                 digest = bytes.fromhex(meta.xxhash) if meta and meta.xxhash else None
+                if not 0 <= st.size <= MAX_FILE_SIZE:
+                    counts["rejected"] += 1
+                    skipped.append({"key": st.key, "reason": f"listed size {st.size}"})
+                    log.warning("import from %s: %r is listed with size %d; skipped", name,
+                                st.key, st.size)
+                    continue
                 if meta is not None and meta.size != st.size:
                     log.warning("import from %s: %r says it holds %d bytes but has %d; "
                                 "its hash is not trusted", name, st.key, meta.size, st.size)
@@ -160,7 +179,7 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
         if page.cursor is None:
             break
         cursor = page.cursor
-    return {**counts, "resumed": resumed}
+    return {**counts, "resumed": resumed, "skipped": skipped}
 
 
 # ---------------------------------------------------------------- verify
@@ -232,7 +251,11 @@ async def _redownload(d: Daemon, ino: int) -> bool:
     d.store.remove(ino)
     node = d.reg.get(ino)
     assert node is not None
-    await d.fetcher.fetch_all(node)
+    try:
+        await d.fetcher.fetch_all(node)
+    except (MirrorfsError, OSError) as exc:  # this file's problem, not the whole run's
+        log.error("verify: could not download %r again: %s", d.reg.path_of(ino), exc)
+        return False
     return True
 
 

@@ -35,6 +35,9 @@ PREFIX = "mirrorfs"
 # Sections of the stats dictionary whose fields carry a ``mirror`` label, and the name their
 # metrics take ("mirrors" -> mirrorfs_mirror_uploads_total{mirror="s3"}).
 SECTION_NAMES = {"mirrors": "mirror"}
+# Other tables keyed by names, and (metric section, label) of their fields: the supervised
+# tasks of the daemon ("tasks" -> mirrorfs_task_restarts_total{task="uploader:s3"}).
+LABELLED_TABLES = {"tasks": ("task", "task")}
 # Numbers whose name says they only grow (until the cache directory is recreated).
 COUNTER_SUFFIXES = ("restarts", "failures", "errors")
 
@@ -71,6 +74,8 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("", "unverified_downloads"): Field("Downloads of objects with no hash (size only).",
                                         counter=True),
     ("", "read_errors"): Field("Reads answered with EIO.", counter=True),
+    ("", "quarantined"): Field("Change-log records or objects from a mirror that failed their "
+                               "schema and were skipped (mirrorfs problems).", counter=True),
     ("", "journal_length"): Field("Jobs in the journal, all mirrors (pending and failed)."),
     ("", "cache_size"): Field("The cache bound (cache_size).", unit="bytes"),
     ("", "dirty_limit"): Field("The bound on dirty data (dirty_limit).", unit="bytes"),
@@ -98,6 +103,10 @@ FIELDS: dict[tuple[str, str], Field] = {
     ("pull", "in_progress"): Field("1 while a pull runs."),
     ("pull", "applied"): Field("Change records of other nodes applied.", counter=True),
     ("pull", "conflicts"): Field("Conflicts resolved.", counter=True),
+    ("task", "restarts"): Field("Restarts of a background task after an unexpected exception "
+                                "(see the daemon log for its traceback).", counter=True),
+    ("task", "running"): Field("1 while the background task runs (0: between a failure and "
+                               "its restart, or ended)."),
 }
 
 
@@ -140,7 +149,13 @@ def samples(stats: Mapping[str, Any]) -> Iterator[Sample]:
              path: tuple[str, ...]) -> Iterator[Sample]:
         for key, v in d.items():
             if isinstance(v, Mapping):
-                if not labels and by_mirror(v):
+                if not labels and not section and key in LABELLED_TABLES:
+                    sub, label = LABELLED_TABLES[key]
+                    for name, inner in v.items():
+                        if isinstance(inner, Mapping):
+                            yield from walk(sub, inner, ((label, str(name)),),
+                                            (*path, key, f"<{label}>"))
+                elif not labels and by_mirror(v):
                     sub = SECTION_NAMES.get(key, key)
                     for mirror, inner in v.items():
                         yield from walk(_join(section, sub), inner, (("mirror", mirror),),

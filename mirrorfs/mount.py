@@ -56,6 +56,7 @@ class Daemon:
     probes: dict[str, Any] = field(default_factory=dict)
     syncs: list[Any] = field(default_factory=list)
     auditor: Any = None
+    supervisor: Any = None  # workers.Supervisor: restarts failed tasks, counts restarts
     stopping: bool = False
 
 
@@ -193,7 +194,7 @@ async def watch_signals(daemon: Daemon) -> None:
 async def serve(cfg: Config, mountpoint: str, options: list[str],
                 ready: Callable[[], None] = lambda: None) -> None:
     """Run the mount until it is unmounted or signalled."""
-    from mirrorfs.workers import open_and_probe, start_workers
+    from mirrorfs.workers import Supervisor, health_check, open_and_probe, start_workers
 
     lock_fd = lock_cache_dir(cfg.cache_dir)
     remotes, probes = await open_and_probe(cfg)
@@ -215,10 +216,11 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
     metrics_server = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(flush_loop, db)
-            nursery.start_soon(watch_signals, daemon)
+            sup = daemon.supervisor = Supervisor(nursery, lambda: health_check(daemon))
+            sup.start_soon("flush", flush_loop, db)
+            sup.start_soon("signals", watch_signals, daemon)
             nursery.start_soon(read_ahead_after_init, mountpoint, cfg.read_ahead_kb)
-            await start_workers(daemon, nursery)
+            await start_workers(daemon, sup)
             if cfg.metrics_listen:
                 from mirrorfs.metrics import start_server
 

@@ -23,6 +23,12 @@ loser's content is kept next to it as ``<name>.conflict-<loser node>-<hash8>`` (
 every node) and a line goes to the conflict log (``mirrorfs conflicts``). A delete that meets a
 local change keeps the local file. Nothing is ever dropped.
 
+**Untrusted input.** Change-log objects and their records come from the mirror: each object
+is read in pieces up to :data:`changelog.MAX_LOG_OBJECT` bytes and each record is checked by
+:func:`changelog.parse_record` before anything is applied. One that fails is quarantined --
+logged once, counted (``quarantined`` in ``stats``), listed by ``mirrorfs problems`` -- and
+skipped; the cursor moves on past it (and past an object too big to read).
+
 Limits: a directory rename travels as one rename per file; two nodes renaming one directory at
 once can leave its files split between the two new names (each file ends in exactly one place,
 no content is lost). Empty directories and symlinks do not travel.
@@ -54,11 +60,21 @@ from mirrorfs.cache.db import (
     U64,
     Inode,
     RemoteCopy,
+    bump_counter,
     get_counter,
     set_counter,
 )
+from mirrorfs.changelog import (
+    MAX_FILE_SIZE,
+    MAX_LOG_OBJECT,
+    PUBLISH_BATCH,
+    check_range,
+    parse_record,
+    reserved,
+    valid_node,
+)
 from mirrorfs.control import Progress
-from mirrorfs.errors import MirrorfsError, NotFound
+from mirrorfs.errors import BadRecord, MirrorfsError, NotFound
 from mirrorfs.maintenance import safe_key
 
 if TYPE_CHECKING:
@@ -68,19 +84,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESERVED = b".mirrorfs"
 LOG_PREFIX = ".mirrorfs/log/"
-PUBLISH_BATCH = 1000
+#: how much of a quarantined record ``mirrorfs problems`` shows
+EXCERPT = 160
 
 
 class _Later(Exception):
     """A record that cannot be applied yet: the rest of its node's feed waits for the next
     round (records of one node are applied in order)."""
-
-
-def reserved(path: bytes) -> bool:
-    """Paths under the mirrors' reserved prefix never travel as files."""
-    return path == RESERVED or path.startswith(RESERVED + b"/")
 
 
 def emit(txn: lmdb.Transaction, daemon_db: Any, mirror: int, rec: dict[str, Any]) -> None:
@@ -178,11 +189,15 @@ class Sync:
         with self.d.reg.db.begin() as txn:
             cur = txn.cursor(db=outbox)
             recs: list[tuple[bytes, bytes]] = []
+            nbytes = 0
             if cur.set_range(U16.pack(self.idx)):
                 for k, v in cur:
-                    if k[:2] != U16.pack(self.idx) or len(recs) >= PUBLISH_BATCH:
+                    # the other nodes refuse objects over MAX_LOG_OBJECT (half: headroom)
+                    if k[:2] != U16.pack(self.idx) or len(recs) >= PUBLISH_BATCH or \
+                            (recs and nbytes + len(v) + 1 > MAX_LOG_OBJECT // 2):
                         break
                     recs.append((bytes(k), bytes(v)))
+                    nbytes += len(v) + 1
         if not recs:
             return 0
         first, last = MQ.unpack(recs[0][0])[1], MQ.unpack(recs[-1][0])[1]
@@ -214,7 +229,7 @@ class Sync:
             return n
 
     async def _pull_log(self, progress: Progress | None) -> int:
-        logs: list[tuple[str, int, int, str]] = []
+        logs: list[tuple[str, int, int, str, int]] = []
         cursor = None
         while True:
             page = await self.remote.list(LOG_PREFIX, cursor, limit=1000)
@@ -228,26 +243,45 @@ class Sync:
                 except ValueError:
                     continue
                 if node != self.node:
-                    logs.append((node, a, b, st.key))
+                    logs.append((node, a, b, st.key, st.size))
             if page.cursor is None:
                 break
             cursor = page.cursor
         applied = 0
         waiting: set[str] = set()
-        for node, _a, b, key in sorted(logs, key=lambda x: (x[0], x[1], x[2])):
+        for node, a, b, key, size in sorted(logs, key=lambda x: (x[0], x[1], x[2])):
             if node in waiting:
                 continue
+            try:
+                if not valid_node(node):
+                    raise BadRecord(f"node name {node[:80]!r} is not one a node can have")
+                check_range(a, b)
+            except BadRecord as exc:
+                self._quarantine(node, key, 0, None, str(exc), b"")
+                continue  # not one of ours: the cursor stays, other objects go on
             with self.d.reg.db.begin() as txn:
                 v = self._get_cursor(txn, "node:" + node)
             done = U64.unpack(v)[0] if v else 0
             if b <= done:
                 continue
             try:
-                body = await self._fetch_small(key)
+                if size > MAX_LOG_OBJECT:
+                    raise BadRecord(f"{size} bytes, over the {MAX_LOG_OBJECT}-byte cap")
+                body = await self._fetch_capped(key)
             except NotFound:
                 continue  # compacted or being rewritten; the next round sees its successor
-            recs = [json.loads(line) for line in body.splitlines() if line.strip()]
-            for rec in recs:
+            except BadRecord as exc:
+                self._quarantine(node, key, 0, None, str(exc), b"")
+                self._skip_to(node, b)
+                continue
+            for lineno, line in enumerate(body.split(b"\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = parse_record(line, a, b)
+                except BadRecord as exc:
+                    self._quarantine(node, key, lineno, None, str(exc), line)
+                    continue
                 if rec["seq"] <= done:
                     continue
                 try:
@@ -263,36 +297,62 @@ class Sync:
                 applied += 1
                 with self.d.reg.db.begin(write=True) as txn:
                     self._set_cursor(txn, "node:" + node, U64.pack(done))
+            else:
+                # Every line was handled: quarantined lines at the end do not hold the
+                # cursor back (the object would be read again every round).
+                self._skip_to(node, b)
             if progress is not None:
                 await progress({"applied": applied})
         self.state.applied += applied
         return applied
 
-    async def _fetch_small(self, key: str) -> bytes:
+    def _skip_to(self, node: str, seq: int) -> None:
+        with self.d.reg.db.begin(write=True) as txn:
+            v = self._get_cursor(txn, "node:" + node)
+            if not v or U64.unpack(v)[0] < seq:
+                self._set_cursor(txn, "node:" + node, U64.pack(seq))
+
+    async def _fetch_capped(self, key: str) -> bytes:
+        """The whole object, read in the stream's pieces; BadRecord past MAX_LOG_OBJECT (the
+        listing's size may lie)."""
         out = bytearray()
         async with self.remote.open_read(key) as stream:
             while chunk := await stream.read():
                 out += chunk
+                if len(out) > MAX_LOG_OBJECT:
+                    raise BadRecord(f"longer than the {MAX_LOG_OBJECT}-byte cap")
         return bytes(out)
+
+    def _quarantine(self, node: str, key: str, line: int, seq: int | None, problem: str,
+                    raw: bytes) -> None:
+        """Record a change-log record (``line`` > 0) or a whole object (``line`` 0) that
+        failed its checks: logged and counted the first time only, listed by ``problems``."""
+        pkey = f"pull:{self.identity}:{key}".encode() + b"\0" + U64.pack(line)
+        problems = self.d.reg.db.db["problems"]
+        with self.d.reg.db.begin(write=True) as txn:
+            if txn.get(pkey, db=problems) is not None:
+                return
+            entry = {"time": time.time(), "kind": "change-log record" if line else
+                     "change-log object", "mirror": self.cfg.name, "node": node,
+                     "object": key, "line": line, "seq": seq, "problem": problem,
+                     "excerpt": raw[:EXCERPT].decode("utf-8", "backslashreplace")}
+            txn.put(pkey, json.dumps(entry).encode(), db=problems)
+            bump_counter(txn, self.d.reg.counters, b"quarantined", 1)
+        log.warning("pull from %s: %s (%s, node %r) quarantined: %s", self.cfg.name, key,
+                    f"line {line}" if line else "whole object", node, problem)
 
     # ------------------------------------------------------------ applying one record
 
     async def apply(self, rec: dict[str, Any], node: str) -> None:
-        op = rec.get("op")
-        path = safe_key(rec.get("path", ""))
-        if path is None or reserved(path):
-            log.warning("pull from %s: record %s of node %s has an unusable path %r; skipped",
-                        self.cfg.name, rec.get("seq"), node, rec.get("path"))
-            return
+        """Apply one record that :func:`changelog.parse_record` accepted."""
+        op = rec["op"]
+        path = os.fsencode(rec["path"])
         if op == "put":
             await self._apply_put(rec, path, node)
         elif op == "delete":
             self._apply_delete(rec, path, node)
         elif op == "rename":
-            src = safe_key(rec.get("from", ""))
-            if src is None or reserved(src):
-                return
-            await self._apply_rename(rec, src, path, node)
+            await self._apply_rename(rec, os.fsencode(rec["from"]), path, node)
         await self._flush_invalidations()
         self._kick()
 
@@ -544,7 +604,7 @@ class Sync:
             self.m.busy[path] = aside.ino
             try:
                 await self.d.fetcher.fetch_all(aside)
-            except (MirrorfsError, OSError, pyfuse3.FUSEError) as exc:
+            except (MirrorfsError, OSError) as exc:
                 log.error("conflict on %r: could not fetch the other version (%s); it may be "
                           "gone from the mirror", os.fsdecode(path), exc)
             finally:
@@ -686,7 +746,8 @@ class Sync:
         with self.d.reg.db.begin(write=True) as txn:
             for st in page.entries:
                 path = safe_key(st.key)
-                if path is None or reserved(path) or self._lookup(txn, path) is not None:
+                if path is None or reserved(path) or not 0 <= st.size <= MAX_FILE_SIZE or \
+                        self._lookup(txn, path) is not None:
                     continue
                 status, made = self.d.reg.add_remote_file(
                     txn, path, st.size, st.mtime_ns or time.time_ns(), 0o644, None, self.idx,
@@ -723,6 +784,13 @@ async def cmd_pull(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
 async def cmd_conflicts(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     with d.reg.db.begin() as txn:
         return [json.loads(bytes(v)) for _k, v in txn.cursor(db=d.reg.db.db["conflicts"])]
+
+
+async def cmd_problems(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
+    """Input from the mirrors that was quarantined (see :meth:`Sync._quarantine`)."""
+    with d.reg.db.begin() as txn:
+        out = [json.loads(bytes(v)) for _k, v in txn.cursor(db=d.reg.db.db["problems"])]
+    return sorted(out, key=lambda p: p["time"])
 
 
 def sync_stats(d: Daemon) -> dict[str, Any]:

@@ -84,6 +84,7 @@ from mirrorfs.seams import crash_point
 if TYPE_CHECKING:
     from mirrorfs.cache.store import Store
     from mirrorfs.fs import Operations
+    from mirrorfs.workers import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +143,21 @@ class Uploader:
         self.writer = reg.db.registry_id
         self.on_done: Callable[[int], None] = lambda ino: None
         self._nursery: trio.Nursery | None = None
+        self._scheduled: set[int] = set()  # mirrors whose scheduler ran (see _schedule)
         if ops is not None:
             ops.on_commit = lambda node: self.kick()
 
     @classmethod
     async def create(cls, reg: Registry, store: Store, ops: Operations | None,
-                     mirrors: list[MirrorState], nursery: trio.Nursery) -> Uploader:
+                     mirrors: list[MirrorState], nursery: trio.Nursery,
+                     supervisor: Supervisor | None = None) -> Uploader:
         self = cls(reg, store, ops, mirrors)
         self._nursery = nursery
         for m in self.mirrors.values():
-            nursery.start_soon(self._schedule, m, name=f"uploader:{m.rule.name}")
+            if supervisor is not None:  # restarted if it fails (see workers.Supervisor)
+                supervisor.start_soon(f"uploader:{m.rule.name}", self._schedule, m)
+            else:
+                nursery.start_soon(self._schedule, m, name=f"uploader:{m.rule.name}")
         return self
 
     # ------------------------------------------------------------ control
@@ -193,6 +199,12 @@ class Uploader:
     # ------------------------------------------------------------ scheduling
 
     async def _schedule(self, m: MirrorState) -> None:
+        # A restart after a failure (workers.Supervisor): the jobs the failed run had in
+        # flight were cancelled and are still claimed; they are pending again.
+        if m.rule.index in self._scheduled:
+            with self.reg.db.begin(write=True) as txn:
+                self.reg.journal.release_claims(txn, m.rule.index, self.clock())
+        self._scheduled.add(m.rule.index)
         async with trio.open_nursery() as jobs:
             while True:
                 m.wake = trio.Event()
@@ -289,7 +301,9 @@ class Uploader:
             log.error("mirror %s: %s (inode %d marked failed)", m.rule.name, exc, ino)
             with self.reg.db.begin(write=True) as txn:
                 self.reg.journal.fail(txn, idx, ino, seq, str(exc))
-        except (RemoteError, NotFound, trio.TooSlowError, OSError) as exc:
+        except (MirrorfsError, trio.TooSlowError, OSError) as exc:
+            # RemoteError, NotFound, and what fetching the content for another mirror met:
+            # NoGoodCopy, LocalDiskError (each says whose problem it is)
             if isinstance(exc, RemoteUnavailable) and m.up:
                 log.warning("mirror %s is unreachable (%s); its queue waits", m.rule.name, exc)
                 m.up = False

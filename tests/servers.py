@@ -106,6 +106,33 @@ def _let_moto_route_newlines() -> None:
     base.convert_regex_to_flask_path = newline_safe  # type: ignore[assignment]
 
 
+def _let_moto_keep_key_bytes() -> None:
+    """moto decodes the percent-escapes of a key with errors="replace": a key sent with a
+    byte that is not UTF-8 (``%FF``) was stored as U+FFFD, another key. S3-compatible servers
+    that store the bytes as sent exist; make moto one of them (surrogate escapes inside,
+    ``%FF`` again in URL-encoded listings), so that tests can put such a key in a bucket.
+    Keys that are UTF-8 are handled exactly as before."""
+    from urllib.parse import quote, unquote
+
+    import moto.s3.models as models
+    import moto.s3.responses as responses
+
+    if getattr(responses.S3Response.get_safe_path, "_mirrorfs_bytes", False):
+        return
+
+    def get_safe_path(self: Any) -> str:
+        return unquote(self.raw_path, errors="surrogateescape")
+
+    def safe_name(self: Any, encoding_type: str | None = None) -> str:
+        if encoding_type == "url":
+            return quote(self.name, errors="surrogateescape")
+        return str(self.name)
+
+    get_safe_path._mirrorfs_bytes = True  # type: ignore[attr-defined]
+    responses.S3Response.get_safe_path = get_safe_path  # type: ignore[method-assign]
+    models.FakeKey.safe_name = safe_name  # type: ignore[method-assign]
+
+
 class MotoS3(_Server):
     """moto in server mode, with one bucket created at the first start.
 
@@ -126,6 +153,7 @@ class MotoS3(_Server):
         from moto.server import ThreadedMotoServer
 
         _let_moto_route_newlines()
+        _let_moto_keep_key_bytes()
         self._server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
         self._server.start()
         self.port = self._server.get_host_and_port()[1]

@@ -54,11 +54,13 @@ def json_leaves(st: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ..
     for k, v in st.items():
         if isinstance(v, bool | int | float) and v is not None:
             out[(name("", k), ())] = float(v)
-    for section, table in (("mirror", st["mirrors"]), ("pull", st["pull"])):
+    for section, label, table in (("mirror", "mirror", st["mirrors"]),
+                                  ("pull", "mirror", st["pull"]),
+                                  ("task", "task", st.get("tasks", {}))):
         for mirror, fields in table.items():
             for k, v in fields.items():
                 if isinstance(v, bool | int | float) and v is not None:
-                    out[(name(section, k), (("mirror", mirror),))] = float(v)
+                    out[(name(section, k), ((label, mirror),))] = float(v)
     return out
 
 

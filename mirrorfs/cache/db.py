@@ -50,6 +50,8 @@ Sub-databases (all keys big-endian so that cursor order is numeric order):
               delete the source; FTP: maybe delete the destination, then RNFR/RNTO): if the
               source (the inode's recorded key) still exists, what is here is a copy and is
               deleted; if not, the object here is the moved one and is adopted.
+``problems``  b"pull:" + mirror identity + ":" + object key + b"\0" + >Q line (0: the whole
+              object) -> utf-8 JSON: input from a mirror that was quarantined (pull.py).
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class Database:
 
     NAMES = ("meta", "inodes", "dentries", "xattrs", "chunks", "mirrors", "jobs", "queue",
              "remote", "rpath", "counters", "cursors", "conflicts", "outbox", "pending",
-             "links")
+             "links", "problems")
 
     def __init__(self, path: str, readonly: bool = False, map_size: int = 1 << 36) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)

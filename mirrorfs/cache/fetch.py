@@ -8,7 +8,10 @@ file was uploaded before it is written and marked verified; a read is answered a
 chunks it covers are verified, so the first bytes of a large file are served long before the
 end arrives. A read far ahead of the stream gets a ranged request of its own. A chunk that does
 not match is retried once, then fetched from the next mirror; if no mirror has good bytes the
-read fails with EIO and the log says which mirror served what.
+read fails with EIO (:class:`NoGoodCopy`) and the log says which mirror served what. A
+failure of the local disk while storing the bytes (ENOSPC, EIO) is not the mirrors' fault:
+the download stops at once with :class:`LocalDiskError` (the disk's errno), logged as a
+local disk problem, and no other mirror is tried.
 
 Files with only a whole-file hash (imported objects) are not streamed: readers wait until the
 whole download matched that hash (counted as ``whole_hash_downloads``). An object with no hash
@@ -33,12 +36,13 @@ from typing import TYPE_CHECKING
 
 import trio
 import xxhash
-from pyfuse3 import FUSEError
 
 from mirrorfs.cache.db import F_ORPHAN, LOCAL_FULL, U64, Inode, RemoteCopy
 from mirrorfs.errors import (
     IntegrityError,
+    LocalDiskError,
     MirrorfsError,
+    NoGoodCopy,
     NotFound,
     RemoteError,
     RemoteUnavailable,
@@ -100,6 +104,7 @@ class Download:
     progress: trio.Event = field(default_factory=trio.Event)
     done: bool = False
     error: str | None = None
+    local_error: LocalDiskError | None = None  # the error was our disk's, not a mirror's
     front: int = 0  # chunk the streaming GET is working on
     first_byte: float | None = None  # trio time the stream's first bytes arrived
     unwritten: set[int] = field(default_factory=set)  # verified, in the ring, not in the file
@@ -118,6 +123,10 @@ class Download:
     def cancel(self) -> None:
         for scope in self.scopes:
             scope.cancel()
+
+    def failure(self) -> MirrorfsError:
+        """What a reader of this failed download gets (through errors.to_errno)."""
+        return self.local_error or NoGoodCopy(self.error or "no mirror has good bytes")
 
     @property
     def nchunks(self) -> int:
@@ -206,11 +215,11 @@ class Fetcher:
         dl.reader_moved.set()
         while not dl.covered(off, size):
             if dl.error:
-                raise FUSEError(errno.EIO)
+                raise dl.failure()
             bad = [i for i in self._chunks(dl, off, size) if i in dl.failed]
             if bad:
                 self.stats.bump("read_errors")
-                raise FUSEError(errno.EIO)
+                raise dl.failure()
             self._maybe_ranged(dl, off)
             await dl.progress.wait()
         if self.dropper is not None and self.dropper.enabled:
@@ -248,7 +257,7 @@ class Fetcher:
             try:
                 while not dl.done and not dl.superseded:
                     if dl.error or dl.failed:
-                        raise IntegrityError(dl.error or "no mirror has good bytes")
+                        raise dl.failure()
                     await dl.progress.wait()
             finally:
                 dl.handles -= 1
@@ -290,12 +299,13 @@ class Fetcher:
                 return dl  # (a caller holding an older entry gets the current version)
             self._supersede(dl)
         elif node.local == LOCAL_FULL and dl is None:
-            raise FUSEError(errno.EIO)  # caller should have used the local file
+            # a caller's bug: it should have used the local file
+            raise MirrorfsError(f"inode {node.ino} is in the cache; nothing to download")
         sources = self._sources(node)
         if not sources:
             log.error("%r (inode %d) is not in the cache and no mirror holds version %d",
                       self.reg.path_of(node.ino), node.ino, node.ver)
-            raise FUSEError(errno.EIO)
+            raise NoGoodCopy(f"inode {node.ino}: no mirror holds version {node.ver}")
         expected = None
         with self.reg.db.begin() as txn:
             v = txn.get(U64.pack(node.ino), db=self.reg.chunks)
@@ -308,9 +318,20 @@ class Fetcher:
         if self.space is not None:
             self.space.make_room(node.size)
             self.space.downloading += node.size
-        fd = os.open(self.store.part_path(node.ino),
-                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.ftruncate(fd, node.size)
+        fd = -1
+        try:
+            fd = os.open(self.store.part_path(node.ino),
+                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            os.ftruncate(fd, node.size)  # sparse: no space taken yet
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            if self.space is not None:
+                self.space.downloading -= node.size
+            err = LocalDiskError(exc, f"cannot create the download file of inode {node.ino}")
+            log.error("local disk problem, not a mirror problem: %s", err)
+            raise err from None
         dl = Download(node.ino, node.ver, node.size, fd, expected, whole, sources)
         dl.verified = bytearray(dl.nchunks)
         if expected is not None and len(expected) != dl.nchunks:
@@ -420,7 +441,10 @@ class Fetcher:
             for _attempt in range(ATTEMPTS_PER_MIRROR):
                 start = next((i for i in range(dl.nchunks) if not dl.verified[i]), None)
                 if start is None or dl.size == 0:
-                    await self._finish(dl, src)
+                    try:
+                        await self._finish(dl, src)
+                    except LocalDiskError as exc:
+                        self._local_failure(dl, exc)
                     return
                 if dl.expected is None:
                     start = 0
@@ -428,6 +452,9 @@ class Fetcher:
                     return  # superseded (see _supersede): the .part name is not ours now
                 try:
                     await self._stream_from(dl, src, start)
+                except LocalDiskError as exc:
+                    self._local_failure(dl, exc)
+                    return
                 except IntegrityError as exc:
                     tried.append(f"{src.name}: {exc}")
                     continue
@@ -450,7 +477,11 @@ class Fetcher:
                         continue  # a stream broken mid-way: resume at the first missing chunk
                     break
                 if all(dl.verified):
-                    if await self._finish(dl, src):
+                    try:
+                        if await self._finish(dl, src):
+                            return
+                    except LocalDiskError as exc:
+                        self._local_failure(dl, exc)
                         return
                     tried.append(f"{src.name}: whole-file hash mismatch")
                     dl.verified = bytearray(dl.nchunks)
@@ -461,6 +492,17 @@ class Fetcher:
         dl.error = "; ".join(tried) or "no mirror"
         log.error("no mirror has good bytes for %s (inode %d, chunks %s...): %s",
                   dl.sources[0].key, dl.ino, missing[:4], dl.error)
+
+    def _local_failure(self, dl: Download, exc: LocalDiskError) -> None:
+        """Our disk refused the bytes: the download fails now, with the disk's errno; the
+        mirrors are not blamed and no other one is tried."""
+        dl.local_error = exc
+        dl.error = str(exc)
+        for i in range(dl.nchunks):
+            if not dl.verified[i]:
+                dl.failed[i] = dl.error
+        log.error("local disk problem, not a mirror problem: download of inode %d (%d bytes) "
+                  "from %s stopped: %s", dl.ino, dl.size, dl.sources[0].name, exc)
 
     async def _moved_key(self, dl: Download, src: Source) -> str | None:
         """The key the registry records now for this download's object on ``src``'s mirror,
@@ -513,7 +555,7 @@ class Fetcher:
         finally:
             sink.close()
         if sink.error is not None:
-            errors.insert(0, sink.error)
+            errors.insert(0, LocalDiskError(sink.error, f"writing inode {dl.ino} to the cache"))
         if errors:
             raise errors[0]
 
@@ -589,9 +631,7 @@ class Fetcher:
                     try:
                         await trio.to_thread.run_sync(sink.write, buf, c * CHUNK_SIZE,
                                                       dl.chunk_len(c))
-                    except OSError as exc:
-                        log.warning("cannot write chunk %d of inode %d to the cache: %s", c,
-                                    dl.ino, exc)
+                    except OSError as exc:  # reported once, by _stream_all
                         sink.error = exc
                 dl.unwritten.discard(c)
                 if sink.error is not None:
@@ -610,7 +650,10 @@ class Fetcher:
                             src.key, src.name)
                 return False
             self.stats.bump("whole_hash_downloads" if dl.whole else "unverified_downloads")
-        await trio.to_thread.run_sync(os.fsync, dl.fd)
+        try:
+            await trio.to_thread.run_sync(os.fsync, dl.fd)
+        except OSError as exc:
+            raise LocalDiskError(exc, f"fsync of the download of inode {dl.ino}") from None
         with self.reg.db.begin(write=True) as txn:
             node = self.reg.get_txn(txn, dl.ino)
             if (node is None or node.ver != dl.ver or node.local == LOCAL_FULL

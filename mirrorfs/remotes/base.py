@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: Size of the chunks whose xxhash is recorded at upload; reads are verified per chunk.
 CHUNK_SIZE = 4 * 1024 * 1024
+#: largest object size believed from a mirror (above S3's 5 TiB object limit): a listing or a
+#: change-log record with more is hostile or broken
+MAX_FILE_SIZE = 1 << 43
 
 #: Object metadata names (S3 user metadata keys; other remotes may keep them elsewhere).
 META_HASH = "mirrorfs-xxh3"
@@ -67,17 +70,24 @@ class ObjectMeta:
 
     @classmethod
     def from_dict(cls, d: dict[str, str], size: int) -> ObjectMeta:
-        def _int(name: str, base: int = 10) -> int | None:
+        """Parse metadata a mirror sent (untrusted): a value that is malformed or out of
+        range is dropped, as if absent, rather than believed or allowed to raise later."""
+        def _int(name: str, lo: int, hi: int, base: int = 10) -> int | None:
             try:
-                return int(d[name], base)
+                v = int(str(d[name])[:40], base)
             except (KeyError, ValueError):
                 return None
+            return v if lo <= v <= hi else None
 
+        digest = d.get(META_HASH)
+        if not isinstance(digest, str) or len(digest) != 32 or \
+                not all(c in "0123456789abcdef" for c in digest):
+            digest = None
         return cls(
             size=size,
-            xxhash=d.get(META_HASH),
-            mtime_ns=_int(META_MTIME),
-            mode=_int(META_MODE, 8),
+            xxhash=digest,
+            mtime_ns=_int(META_MTIME, -(1 << 63), (1 << 63) - 1),
+            mode=_int(META_MODE, 0, 0o7777, 8),
             writer=d.get(META_WRITER),
         )
 
@@ -152,6 +162,10 @@ class Remote(abc.ABC):
     @abc.abstractmethod
     def __init__(self, name: str, options: dict[str, Any]) -> None:
         """``options``: the mirror's validated config section (plain values, sizes in bytes)."""
+
+    def __repr__(self) -> str:
+        # a remote holds credentials (password, secret key): its repr names it, nothing more
+        return f"<{type(self).__name__} {getattr(self, 'name', '?')}>"
 
     @abc.abstractmethod
     def check_key(self, key: str) -> None:

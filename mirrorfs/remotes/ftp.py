@@ -46,6 +46,7 @@ from mirrorfs.errors import (
     RemoteUnavailable,
 )
 from mirrorfs.remotes.base import (
+    MAX_FILE_SIZE,
     PROBE_PREFIX,
     TMP_PREFIX,
     ListPage,
@@ -79,11 +80,23 @@ _NET_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOS
                errno.ETIMEDOUT, errno.EADDRNOTAVAIL, errno.ENETRESET}
 
 
+def _size(text: object, what: str) -> int:
+    """A size the server sent (SIZE reply, MLSD fact): untrusted; garbage is the mirror's
+    error (RemoteError), not a ValueError escaping from deep inside a job or a read."""
+    value = str(text).strip()
+    if not (value.isascii() and value.isdigit()) or int(value[:20]) > MAX_FILE_SIZE:
+        raise RemoteError(f"{what}: the server sent {value[:40]!r} as a size")
+    return int(value)
+
+
 def _mtime_ns(stamp: str | None) -> int | None:
     """Parse an FTP time value (MDTM, MLSD ``modify``: YYYYMMDDHHMMSS[.sss], UTC)."""
     if not stamp or len(stamp) < 14 or not stamp[:14].isdigit():
         return None
-    t = time.strptime(stamp[:14], "%Y%m%d%H%M%S")
+    try:  # the server's word: a month 13 is no time at all, not an error to raise
+        t = time.strptime(stamp[:14], "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
     return calendar.timegm(t) * 1_000_000_000
 
 
@@ -643,7 +656,7 @@ class FtpRemote(Remote):
         path = self._path(parts)
         try:
             _, info = await client.command("SIZE " + path, "213")
-            size = int(info[-1].strip())
+            size = _size(info[-1], f"SIZE {key}")
         except aioftp.StatusCodeError as exc:
             if _is(exc, "550"):
                 raise NotFound(f"mirror {self.name}: {key}") from None
@@ -658,7 +671,7 @@ class FtpRemote(Remote):
                 raise
             if facts.get("type") != "file":
                 raise NotFound(f"mirror {self.name}: {key} is not a file") from None
-            return RemoteStat(key=key, size=int(facts.get("size", 0)),
+            return RemoteStat(key=key, size=_size(facts.get("size", 0), f"MLST {key}"),
                               mtime_ns=_mtime_ns(facts.get("modify")))
         mtime_ns = None
         with contextlib.suppress(aioftp.StatusCodeError):
@@ -718,15 +731,15 @@ class FtpRemote(Remote):
         for line in lines:
             try:
                 name_path, facts = parse(line)
-            except (ValueError, KeyError, IndexError):
+                size = _size(facts.get("size", 0) or 0, "listing")
+            except (ValueError, KeyError, IndexError, RemoteError):
                 log.debug("mirror %s: unparsed listing line %r", self.name, line)
                 continue
             name = PurePosixPath(name_path).name
             kind = facts.get("type")
             if name in ("", ".", "..") or kind not in ("file", "dir"):
                 continue
-            out.append((name, kind == "dir", int(facts.get("size", 0) or 0),
-                        _mtime_ns(facts.get("modify"))))
+            out.append((name, kind == "dir", size, _mtime_ns(facts.get("modify"))))
         return out
 
     async def _a_list(self, client: aioftp.Client, prefix: str, cursor: str | None,

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import boto3
 import botocore.config
@@ -593,14 +594,21 @@ class S3Remote(Remote):
     @retry()
     async def list(self, prefix: str = "", cursor: str | None = None,
                    limit: int = 1000) -> ListPage:
-        kwargs: dict[str, Any] = {"Prefix": self.prefix + prefix, "MaxKeys": limit}
+        # Keys come URL-encoded and are decoded here with surrogate escapes: boto3's own
+        # decoding turns bytes that are not UTF-8 (S3-compatible servers may store them) into
+        # U+FFFD, i.e. into another key, which a HEAD or GET would then miss. Such a key
+        # fails check_key (InvalidKey) when used: it is visibly that key's problem.
+        kwargs: dict[str, Any] = {"Prefix": self.prefix + prefix, "MaxKeys": limit,
+                                  "EncodingType": "url"}
         if cursor is not None:
-            kwargs["StartAfter"] = self.prefix + cursor
+            # a cursor that is not UTF-8 is listed again (the page after it repeats it)
+            kwargs["StartAfter"] = (self.prefix + cursor).encode(
+                "utf-8", "surrogateescape").decode("utf-8", "replace")
         resp = await self._s3("list_objects_v2", f"list {prefix!r}", **kwargs)
         page = ListPage()
         key = None
         for obj in resp.get("Contents", []):
-            key = obj["Key"][len(self.prefix):]
+            key = unquote(obj["Key"], errors="surrogateescape")[len(self.prefix):]
             if key.startswith(PROBE_PREFIX):
                 continue
             page.entries.append(RemoteStat(
