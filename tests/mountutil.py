@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,52 @@ def resident_bytes(path: str | bytes | os.PathLike[str]) -> int:
             libc.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class Syscall:
+    at: float  # wall-clock time of entry (strace -ttt)
+    name: str
+    path: str  # of the first argument, a file descriptor
+
+
+def _all_threads_traced(pid: int, tracer: int) -> bool:
+    tasks = os.listdir(f"/proc/{pid}/task")
+    for tid in tasks:
+        with contextlib.suppress(FileNotFoundError), \
+                open(f"/proc/{pid}/task/{tid}/status") as f:
+            if not any(line.split() == ["TracerPid:", str(tracer)] for line in f):
+                return False
+    return bool(tasks)
+
+
+@contextlib.contextmanager
+def traced_syscalls(pid: int, syscalls: Iterable[str], out: Path) -> Iterator[list[Syscall]]:
+    """strace every thread of process ``pid`` (and threads it starts) for the duration of the
+    block; the list yielded is filled at exit with the calls seen, with the path of each file
+    descriptor argument (``strace -y``). A test's way to see that the daemon made a call
+    whose effect is invisible until a power cut (fsync)."""
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-y", "-ttt", "-e",
+                               "trace=" + ",".join(syscalls), "-o", str(out), "-p", str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    calls: list[Syscall] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not _all_threads_traced(pid, tracer.pid):
+            if tracer.poll() is not None:
+                assert tracer.stderr is not None
+                raise RuntimeError(f"strace failed: {tracer.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"strace did not attach to {pid}")
+            time.sleep(0.01)
+        yield calls
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+    for line in out.read_text(errors="replace").splitlines():
+        m = re.match(r"\d+ ([\d.]+) (\w+)\(\d+<([^>]*)>", line)
+        if m:
+            calls.append(Syscall(float(m[1]), m[2], m[3]))
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:

@@ -151,8 +151,17 @@ class MotoS3(_Server):
             urllib.request.urlopen(urllib.request.Request(
                 f"{self.endpoint_url}/moto-api/recorder/{what}", method="POST")).read()
 
-    def recorded(self) -> list[tuple[str, str]]:
-        """(method, path) of every request since start_recording()."""
+    def stop_recording(self) -> None:
+        """Stop moto's recorder and empty its file: left on, it writes every later request
+        body (base64, in JSON) to disk for the rest of the session."""
+        import urllib.request
+
+        for what in ("stop-recording", "reset-recording"):
+            urllib.request.urlopen(urllib.request.Request(
+                f"{self.endpoint_url}/moto-api/recorder/{what}", method="POST")).read()
+
+    def recorded_requests(self) -> list[tuple[str, str, dict[str, str]]]:
+        """(method, path, headers) of every request since start_recording()."""
         import json
         import urllib.parse
         import urllib.request
@@ -165,8 +174,13 @@ class MotoS3(_Server):
                 e = json.loads(line)
             except ValueError:
                 continue  # a line moto is still writing
-            out.append((e["method"], urllib.parse.urlparse(e["url"]).path))
+            out.append((e["method"], urllib.parse.urlparse(e["url"]).path,
+                        dict(e.get("headers") or {})))
         return out
+
+    def recorded(self) -> list[tuple[str, str]]:
+        """(method, path) of every request since start_recording()."""
+        return [(method, path) for method, path, _h in self.recorded_requests()]
 
     def create_bucket(self, bucket: str) -> None:
         client = self.client()

@@ -17,7 +17,7 @@ import xxhash
 from tests.mountutil import REPO, Mount, is_mounted, write_config
 from tests.registry_builder import build
 from tests.test_cache import drop_caches
-from tests.test_mirrors import CLI, admin, drain, s3_objects
+from tests.test_mirrors import CLI, admin, drain, s3_objects, tree
 
 MiB = 1 << 20
 
@@ -276,12 +276,33 @@ def test_umount_without_wait_tells_what_is_pending(make_mount: Any, s3: Any) -> 
     assert admin(m, "stats")["journal_length"] == 2  # still queued
 
 
-def test_sigterm_finishes_inflight_and_keeps_the_rest(make_mount: Any, s3: Any) -> None:
-    m = make_mount({"s3": s3m(s3)}, upload_delay=0)
-    (m.path / "x").write_bytes(os.urandom(MiB))
-    drain(m)
-    assert m.terminate() == 0
-    assert not is_mounted(m.path)
+def test_sigterm_finishes_inflight_and_keeps_the_rest(make_mount: Any, tmp_path: Path) -> None:
+    """SIGTERM while an upload is in flight (a slow FTP server, one transfer at a time): that
+    upload completes and is recorded, nothing new starts, the rest stays queued for the next
+    mount, and the daemon unmounts and exits 0."""
+    from tests.servers import PyFtpd
+
+    with PyFtpd(tmp_path / "slow-ftp", read_limit=256 * 1024) as slow:  # 1 MiB: ~4 s
+        m = make_mount({"slow": {"type": "ftp", **slow.options(), "concurrency": 1}},
+                       upload_delay=0)
+        files = {f"f{i}.bin": os.urandom(MiB) for i in range(3)}
+        for name, data in files.items():
+            (m.path / name).write_bytes(data)
+
+        def in_flight() -> str | None:
+            paths = [j["path"] for j in admin(m, "queue") if j["state"] == "in flight"]
+            return paths[0] if paths else None
+
+        first = m.wait_for(in_flight, timeout=30)
+        assert m.terminate() == 0
+        assert not is_mounted(m.path)
+        assert "received SIGTERM" in m.log_text()
+        assert tree(slow.root) == {first: files[first]}
+        left = admin(m, "queue")  # offline, from LMDB
+        assert sorted(j["path"] for j in left) == sorted(set(files) - {first}), left
+        m.start()
+        drain(m)
+        assert tree(slow.root) == files
 
 
 def test_drain_timeout_and_json(make_mount: Any, ftp: Any) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.mountutil import Mount, resident_bytes
+from tests.mountutil import Mount, resident_bytes, write_config
 from tests.test_mirrors import admin, drain
 
 MiB = 1 << 20
@@ -206,14 +205,21 @@ def test_stream_direct_io_reads_and_mmap(make_mount: Any, s3: Any, direct: bool)
 
 
 def test_read_far_ahead_uses_a_ranged_request(make_mount: Any, s3: Any) -> None:
+    """A read far ahead of the stream gets a GET of its own chunk (moto's request log shows
+    its Range header), not a wait for the stream from the start to get there."""
     m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
     data = os.urandom(64 * MiB)
     (m.path / "seek.bin").write_bytes(data)
     drain(m)
     evict(m, m.path / "seek.bin")
+    s3.start_recording()
     with open(m.path / "seek.bin", "rb", buffering=0) as f:
         f.seek(60 * MiB)
         assert f.read(1000) == data[60 * MiB:60 * MiB + 1000]
+        ranges = [h.get("Range", "") for meth, p, h in s3.recorded_requests()
+                  if meth == "GET" and p.endswith("/seek.bin")]
+        # the chunk holding offset 60 MiB (4 MiB chunks: 15), asked for on its own
+        assert f"bytes={60 * MiB}-{64 * MiB - 1}" in ranges, ranges
         f.seek(0)
         assert f.read(1000) == data[:1000]
     assert (m.path / "seek.bin").read_bytes() == data
@@ -390,13 +396,28 @@ def test_startup_check_turns_missing_content_remote_only_or_lost(make_mount: Any
 
 
 def test_unreachable_mirror_never_drops_a_clean_copy(make_mount: Any, ftp: Any) -> None:
-    m = make_mount({"ftp": {"type": "ftp", **ftp.options(timeout=2)}}, upload_delay=0)
+    """A clean file whose only mirror is unreachable keeps its local copy, the only one that
+    can be read: the cache bound (the space keeper) and `mirrorfs evict` both try to drop it
+    and must not. Once the mirror is back, the keeper evicts it and it streams back."""
+    ftp_mirror = {"ftp": {"type": "ftp", **ftp.options(timeout=2)}}
+    m = make_mount(ftp_mirror, upload_delay=0)
     m.expect_log(r"unreachable")
-    (m.path / "keep.bin").write_bytes(b"k" * 5000)
+    data = os.urandom(5000)
+    (m.path / "keep.bin").write_bytes(data)
     drain(m)
+    m.umount()
     ftp.stop()
-    m.restart()
+    # restart unreachable, with a bound the file alone exceeds: the keeper wants it gone
+    write_config(m.config, {"cache_dir": str(m.config.parent / "cache"), "log_level": "INFO",
+                            "upload_delay": 0, "cache_size": 1000}, ftp_mirror)
+    m.start()
+    assert admin(m, "stats")["mirrors"]["ftp"]["up"] is False
+    assert admin(m, "evict", str(m.path / "keep.bin"))["kept"] == ["keep.bin"]
     drop_caches()
-    assert (m.path / "keep.bin").read_bytes() == b"k" * 5000
-    shutil.rmtree(ftp.root)  # even a mirror that lost it does not make us lose it
-    assert (m.path / "keep.bin").read_bytes() == b"k" * 5000
+    assert (m.path / "keep.bin").read_bytes() == data
+    st = admin(m, "stats")
+    assert (st["local_files"], st["evictions"]) == (1, 0), st
+    ftp.start()  # back: the keeper may now drop the local copy, which streams back
+    m.wait_for(lambda: admin(m, "stats")["remote_only_files"] == 1, timeout=60)
+    drop_caches()
+    assert (m.path / "keep.bin").read_bytes() == data

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory
-from tests.mountutil import Mount, is_mounted
+from tests.mountutil import Mount, Syscall, is_mounted, traced_syscalls
 
 TEST_USER = "mirrorfs-test"
 GiB = 1 << 30
@@ -558,21 +558,46 @@ def test_statfs(mnt: Mount) -> None:
     assert s.f_blocks * s.f_frsize == host.f_blocks * host.f_frsize
 
 
-def test_fsync_fdatasync(mnt: Mount) -> None:
+SYNCS = ("fsync", "fdatasync", "msync", "sync_file_range", "syncfs", "sync")
+
+
+def synced(calls: list[Syscall], path: Path, t0: float, t1: float) -> bool:
+    """Whether the daemon synced ``path`` between ``t0`` and ``t1`` (wall clock)."""
+    return any(c.path == str(path) and t0 <= c.at <= t1 for c in calls)
+
+
+def test_fsync_fdatasync(mnt: Mount, tmp_path: Path) -> None:
+    """fsync(2) and fdatasync(2) return once the content file is on disk, the new size is
+    committed and LMDB is synced (docs/ARCHITECTURE.md, "What is durable when"); fsync of a
+    directory syncs LMDB. None of that shows until a power cut, so the daemon's own system
+    calls are watched (strace), and the committed size is read back with `stats` while the
+    file is still open (a close would commit it anyway)."""
+    from tests.test_mirrors import admin
+
+    lmdb_file = cache_dir(mnt) / "meta" / "data.mdb"
     p = mnt.path / "f"
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.write(fd, b"synced")
-        os.fsync(fd)
-        assert content_path(mnt, os.fstat(fd).st_ino).read_bytes() == b"synced"
-        os.write(fd, b" data")
-        os.fdatasync(fd)
-        assert content_path(mnt, os.fstat(fd).st_ino).read_bytes() == b"synced data"
+        content = content_path(mnt, os.fstat(fd).st_ino)
+        for data, sync in ((b"synced", os.fsync), (b" data", os.fdatasync)):
+            os.write(fd, data)
+            with traced_syscalls(mnt.pid, SYNCS, tmp_path / "strace.out") as calls:
+                t0 = time.time()
+                sync(fd)
+                t1 = time.time()
+            assert synced(calls, content, t0, t1), (sync.__name__, calls)
+            assert synced(calls, lmdb_file, t0, t1), (sync.__name__, calls)
+        assert content.read_bytes() == b"synced data"
+        assert admin(mnt, "stats")["bytes"] == len(b"synced data")
     finally:
         os.close(fd)
     dfd = os.open(mnt.path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dfd)
+        with traced_syscalls(mnt.pid, SYNCS, tmp_path / "strace.out") as calls:
+            t0 = time.time()
+            os.fsync(dfd)
+            t1 = time.time()
+        assert synced(calls, lmdb_file, t0, t1), calls
     finally:
         os.close(dfd)
 
