@@ -205,13 +205,16 @@ class PyFtpd(_Server):
     """pyftpdlib in a thread of this process, one user whose home is ``root``."""
 
     def __init__(self, root: str | os.PathLike[str], user: str = "mirror",
-                 password: str = "secret", read_limit: int = 0) -> None:
+                 password: str = "secret", read_limit: int = 0, write_limit: int = 0) -> None:
         self.root = Path(root)
         self.user = user
         self.password = password
         #: bytes per second the server receives per upload (0: as fast as it can), for tests
         #: that need an upload in flight for a while
         self.read_limit = read_limit
+        #: bytes per second the server sends per download (0: as fast as it can), for tests
+        #: that need a download in flight for a while
+        self.write_limit = write_limit
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -243,9 +246,10 @@ class PyFtpd(_Server):
         handler = type("Handler", (FTPHandler,), {"authorizer": authorizer,
                                                   "pre_process_command": pre_process_command,
                                                   "auth_failed_timeout": 0})
-        if self.read_limit:
+        if self.read_limit or self.write_limit:
             handler.dtp_handler = type("Dtp", (ThrottledDTPHandler,),
-                                       {"read_limit": self.read_limit})
+                                       {"read_limit": self.read_limit,
+                                        "write_limit": self.write_limit})
         # A private IOLoop: the default is a process-wide singleton that close_all() would
         # close under any other pyftpdlib server of this process.
         self._server = FTPServer((HOST, self.port), handler, ioloop=IOLoop())
@@ -422,10 +426,45 @@ def vsftpd(workdir: str | os.PathLike[str] | None = None, tls: bool = False) -> 
         yield server
 
 
+class SilentServer:
+    """A port that accepts TCP connections and never says a word (to test client timeouts).
+    ``connections`` counts those accepted: a client that retried would make more than one."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind((HOST, 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.05)
+        self.port = int(self._sock.getsockname()[1])
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)  # open, silent
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+
 @contextlib.contextmanager
-def silent_server() -> Iterator[int]:
-    """A port that accepts TCP connections and never says a word (to test client timeouts)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        s.listen(16)
-        yield int(s.getsockname()[1])
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()

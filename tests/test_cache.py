@@ -66,10 +66,9 @@ def test_evict_then_read_back_counts_miss_then_hits(make_mount: Any, s3: Any) ->
     for _ in range(3):
         drop_caches()
         assert (m.path / "v.bin").read_bytes() == data
-    time.sleep(1.2)  # hot-path counters reach LMDB once a second
-    st = admin(m, "stats")
+    # online, stats adds the counts not yet flushed to LMDB
+    st = m.wait_for(lambda: (s := admin(m, "stats"))["hits"] - before["hits"] >= 3 and s)
     assert st["misses"] - before["misses"] == 1
-    assert st["hits"] - before["hits"] >= 3
     assert st["download_bytes"] - before["download_bytes"] == len(data)
     assert st["verify_failures"] == 0
 
@@ -102,6 +101,24 @@ def _first_byte_and_total(path: Path) -> tuple[float, float]:
     return first, time.monotonic() - t0
 
 
+def test_first_bytes_are_served_before_the_download_ends(make_mount: Any,
+                                                         tmp_path: Path) -> None:
+    """Streaming: the first read of a remote-only file returns while the rest of it is still
+    on its way (an FTP server sending 4 MiB/s; the download's end is the daemon's log line).
+    How early, against the whole download, is measured by the perf test below."""
+    from tests.servers import PyFtpd
+
+    with PyFtpd(tmp_path / "slow-ftp", write_limit=4 * MiB) as slow:
+        m = make_mount({"ftp": {"type": "ftp", **slow.options()}}, upload_delay=0)
+        data = remote_only(m, "movie.bin", 12 * MiB)
+        with open(m.path / "movie.bin", "rb", buffering=0) as f:
+            assert f.read(4096) == data[:4096]
+            assert not _downloads(m, "movie.bin"), "the first bytes waited for the whole file"
+            assert f.read() == data[4096:]
+        m.wait_for(lambda: len(_downloads(m, "movie.bin")) == 1)
+
+
+@pytest.mark.perf
 def test_streaming_over_ftp_serves_first_bytes_early(make_mount: Any, ftp: Any) -> None:
     """First bytes of a 256 MiB remote-only file arrive in under a tenth of its full download
     time (both measured in this run, FTP server streaming from disk)."""
@@ -120,6 +137,7 @@ def test_streaming_over_ftp_serves_first_bytes_early(make_mount: Any, ftp: Any) 
     assert min(ratios) < 0.1, ratios
 
 
+@pytest.mark.perf
 def test_s3_first_byte_close_to_plain_get(make_mount: Any, s3: Any) -> None:
     """First byte through mirrorfs within 1.3x of a plain boto3 GET's first byte of the same
     object, compared side by side (medians of alternating runs; moto reads the whole object
@@ -240,30 +258,31 @@ def test_stream_keeps_pace_with_a_slow_reader_and_not_an_idle_one(make_mount: An
                                                                     s3: Any) -> None:
     """The stream stays within the memory ring of a reader that reads (one that fell out of
     it would read the cache file instead, at half the speed), and runs on to the end when
-    the reader stops reading."""
+    the reader stops reading. Where the reader was when the download ended is read from the
+    daemon's log line, not timed."""
     m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
     data = remote_only(m, "slow.bin", 128 * MiB)
     got = bytearray()
-    t0 = time.monotonic()
+    ended_at = None  # bytes the reader had when the download was over
     with open(m.path / "slow.bin", "rb", buffering=0) as f:
         while piece := f.read(MiB):
             got += piece
+            if ended_at is None and _downloads(m, "slow.bin"):
+                ended_at = len(got)
             time.sleep(0.02)
-    reader = time.monotonic() - t0
     assert got == data
-    took = m.wait_for(lambda: _download_seconds(m, "slow.bin"))
     # Paced, the stream ends when the reader is at most ~12 chunks (48 MiB) behind it:
-    # after ~80 of the reader's 128 MiB. Unpaced, moto sends 128 MiB in a fraction of it.
-    assert took > 0.5 * reader, (took, reader)
+    # after ~80 of the reader's 128 MiB (or after the reader's end). Unpaced, moto sends
+    # 128 MiB while the reader is at its first MiBs.
+    print(f"download over when the reader had {ended_at} bytes")
+    assert ended_at is None or ended_at >= 128 * MiB - 13 * 4 * MiB, ended_at
 
     evict(m, m.path / "slow.bin")
     with open(m.path / "slow.bin", "rb", buffering=0) as f:
         assert f.read(MiB) == data[:MiB]
         # no more reads: the download must not wait for this reader
         m.wait_for(lambda: len(_downloads(m, "slow.bin")) == 2, timeout=60)
-        took = _downloads(m, "slow.bin")[1]
         assert f.read() == data[MiB:]
-    assert took < 30
 
 
 def test_streamed_read_drops_the_pages_behind_its_reader(make_mount: Any, s3: Any) -> None:
@@ -298,8 +317,7 @@ def test_corrupt_first_mirror_reads_from_second_then_eio(make_mount: Any, s3: An
     client.put_object(Bucket=s3.bucket, Key="c.bin", Body=bytes(bad))
     evict(m, m.path / "c.bin")
     assert (m.path / "c.bin").read_bytes() == data
-    time.sleep(1.2)
-    assert admin(m, "stats")["verify_failures"] >= 1
+    m.wait_for(lambda: admin(m, "stats")["verify_failures"] >= 1)
     # both corrupt: EIO, never wrong bytes
     client.put_object(Bucket=second, Key="c.bin", Body=bytes(bad))
     evict(m, m.path / "c.bin")

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc python3-dev vsftpd; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc python3-dev vsftpd strace; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # python3-dev is only needed if the interpreter has no headers of its own (pyenv builds do).
