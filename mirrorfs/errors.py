@@ -64,10 +64,6 @@ class IntegrityError(MirrorfsError):
     """Downloaded bytes did not match the recorded xxhash."""
 
 
-class RetriesExhausted(MirrorfsError):
-    """Every attempt and every mirror failed; the reader gets EIO."""
-
-
 def to_errno(exc: BaseException) -> int:
     """Map a domain error or OSError to the errno the kernel should see."""
     if isinstance(exc, MirrorfsError):

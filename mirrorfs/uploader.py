@@ -113,7 +113,6 @@ class MirrorState:
     in_flight: set[int] = field(default_factory=set)
     busy: dict[bytes, int] = field(default_factory=dict)
     wake: trio.Event = field(default_factory=trio.Event)
-    idle: trio.Event = field(default_factory=trio.Event)
 
 
 class Uploader:
@@ -171,11 +170,6 @@ class Uploader:
                 while m.in_flight:
                     await trio.sleep(0.05)
 
-    def pending(self) -> int:
-        with self.reg.db.begin() as txn:
-            return sum(1 for m in self.mirrors.values()
-                       for _ in self.reg.journal.iter_jobs(txn, m.rule.index))
-
     # ------------------------------------------------------------ scheduling
 
     async def _schedule(self, m: MirrorState) -> None:
@@ -195,8 +189,6 @@ class Uploader:
                         nxt = self.reg.journal.next_due(txn, m.rule.index)
                     if nxt is not None:
                         delay = min(delay, max(0.01, nxt - self.clock()))
-                if not m.in_flight:
-                    m.idle.set()
                 with trio.move_on_after(delay):
                     await m.wake.wait()
 
@@ -211,7 +203,6 @@ class Uploader:
                 if claimed is None:
                     continue
                 m.in_flight.add(ino)
-                m.idle = trio.Event()
                 nursery.start_soon(self._run, m, ino, claimed.seq)
                 started += 1
         return started

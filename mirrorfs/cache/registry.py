@@ -87,10 +87,6 @@ def dentry_key(parent: int, name: bytes) -> bytes:
     return U64.pack(parent) + name
 
 
-def is_file_like(mode: int) -> bool:
-    return not stat.S_ISDIR(mode)
-
-
 class Registry:
     def __init__(self, db: Database, mirrors: list[MirrorRule], upload_delay: float,
                  clock: Callable[[], float] = time.time) -> None:
