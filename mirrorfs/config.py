@@ -197,6 +197,15 @@ MIRROR_OPTIONS: dict[str, dict[str, Opt]] = {
 SECRET_KEYS = ("secret_access_key", "password")
 
 
+def mirror_defaults(kind: str) -> dict[str, Any]:
+    """Every option of a ``kind`` mirror that has a default, with it. The specs above are the
+    one place defaults are declared: a remote fills what its options lack from here (the
+    daemon's remotes get full tables from the config; tests build remotes from a few keys)."""
+    spec = {**COMMON_MIRROR, **MIRROR_OPTIONS[kind]}
+    return {key: default for key, (_check, default, _help) in spec.items()
+            if default is not REQUIRED}
+
+
 @dataclass(frozen=True)
 class MirrorConfig:
     name: str
@@ -218,9 +227,9 @@ class MirrorConfig:
         """What makes two configs point at the same remote store (cursors are kept per it)."""
         o = self.options
         if self.type == "s3":
-            return f"s3:{o.get('endpoint_url') or 'aws'}:{o['bucket']}:{o.get('prefix', '')}"
+            return f"s3:{o.get('endpoint_url') or 'aws'}:{o['bucket']}:{o['prefix']}"
         if self.type == "ftp":
-            return f"ftp:{o['host']}:{o.get('port', 21)}:{o.get('base_dir', '/')}"
+            return f"ftp:{o['host']}:{o['port']}:{o['base_dir']}"
         return f"dir:{os.path.abspath(o['path'])}"
 
 

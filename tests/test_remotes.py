@@ -20,6 +20,7 @@ import trio
 import trio.testing
 import xxhash
 
+from mirrorfs.config import mirror_defaults
 from mirrorfs.errors import (
     InvalidKey,
     NotFound,
@@ -510,6 +511,18 @@ def test_s3_key_rejections(moto: MotoS3) -> None:
             await r.stat(os.fsdecode(b"caf\xe9"))
 
     run(s3_case(moto), body)
+
+
+def test_remote_defaults_are_the_config_defaults() -> None:
+    """A remote built from a few keys (as here) takes what it lacks from the config's option
+    specs, the one place defaults are declared: they used to disagree (S3 concurrency 8 in
+    the remote, 4 in the config; FTP password "anonymous@" against "")."""
+    s3 = S3Remote("s", {"bucket": "b"})
+    assert (s3.concurrency, s3.prefix) == (mirror_defaults("s3")["concurrency"], "")
+    ftp = FtpRemote("f", {"host": "127.0.0.1"})
+    ftp_defaults = mirror_defaults("ftp")
+    assert (ftp.password, ftp.user, ftp.port, ftp.connections, ftp.timeout) == tuple(
+        ftp_defaults[k] for k in ("password", "user", "port", "connections", "timeout"))
 
 
 def test_s3_missing_bucket_is_permanent(moto: MotoS3) -> None:
