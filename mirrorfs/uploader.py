@@ -26,9 +26,11 @@ may overwrite it only if that inode is deleted, unwanted, or still has its conte
 the object away first. Uploads write the new object before deleting the old one, so a crash
 between the two leaves an extra object, never a missing one.
 
-Concurrency contract: all LMDB access is here, in short synchronous transactions in the trio
-thread; remotes do their blocking work in threads of their own; hashing runs in a thread under
-``hash_limiter``. A job runs under a lease (a deadline); a job whose lease ends is cancelled
+Concurrency contract: the uploader's LMDB access (claims, completions, remote copies, the
+outbox) is in short synchronous transactions in the trio thread, never across an await (the
+handlers, the fetcher, pull and the admin commands open transactions of their own, under the
+same rule); remotes do their blocking work in threads of their own; hashing runs in a thread
+under ``hash_limiter``. A job runs under a lease (a deadline); a job whose lease ends is cancelled
 and requeued, and at startup every claimed job is pending again (see cache/recover.py).
 """
 

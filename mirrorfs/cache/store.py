@@ -1,4 +1,5 @@
-"""Content files in the cache directory, named by inode number, and space accounting.
+"""Content files in the cache directory, named by inode number (the space they take is
+accounted in LMDB counters and bounded by :mod:`mirrorfs.space`).
 
 Owns ``<cache_dir>/data``. A file's content lives in ``data/<xx>/<ino hex>`` where ``xx`` is
 the low byte of the inode number (keeps directories small). Renames never touch these files:
