@@ -218,7 +218,7 @@ def test_secrets_never_reach_logs_or_output(make_mount: Any, s3: Any,
         # make the FTP mirror fail once with its connections cut: errors are logged
         ftp.stop()
         (m.path / "late.bin").write_bytes(b"late")
-        time.sleep(2)
+        m.wait_for(lambda: admin(m, "stats")["mirrors"]["ftp"]["up"] is False, timeout=60)
         outputs.append(json.dumps(admin(m, "stats")))
         ftp.start()
         drain(m)
