@@ -243,9 +243,9 @@ class PyFtpd(_Server):
             FTPHandler.pre_process_command(h, line, cmd, arg)
 
         # auth_failed_timeout: no 3 s pause after a failed login (tests try wrong passwords)
-        handler = type("Handler", (FTPHandler,), {"authorizer": authorizer,
-                                                  "pre_process_command": pre_process_command,
-                                                  "auth_failed_timeout": 0})
+        handler: Any = type("Handler", (FTPHandler,),
+                            {"authorizer": authorizer, "pre_process_command": pre_process_command,
+                             "auth_failed_timeout": 0})
         if self.read_limit or self.write_limit:
             handler.dtp_handler = type("Dtp", (ThrottledDTPHandler,),
                                        {"read_limit": self.read_limit,

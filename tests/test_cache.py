@@ -217,8 +217,8 @@ def test_stream_direct_io_reads_and_mmap(make_mount: Any, s3: Any, direct: bool)
             with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
                 assert mm[-10:] == data[-10:]
     m.wait_for(lambda: admin(m, "stats")["local_files"] == 1)
-    with open(m.path / "d.bin", "rb") as f, \
-            mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
+    with open(m.path / "d.bin", "rb") as local, \
+            mmap.mmap(local.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
         assert mm[:] == data
 
 
