@@ -6,9 +6,10 @@ mirrors hold is read back with plain boto3 and plain file reads of the FTP root.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -18,18 +19,38 @@ from typing import Any
 import pytest
 import xxhash
 
-from tests.mountutil import REPO, Mount
+from tests.mountutil import Mount
 from tests.servers import Vsftpd
 
 CLI = [sys.executable, "-m", "mirrorfs.cli"]
 
 
-def admin(m: Mount, *args: str, check: bool = True) -> Any:
-    r = subprocess.run([*CLI, *args, "-c", str(m.config), "--json"], capture_output=True,
-                       text=True, cwd=REPO, timeout=300)
-    if check and r.returncode:
-        raise AssertionError(f"mirrorfs {' '.join(args)} failed: {r.stderr}")
-    return json.loads(r.stdout) if r.stdout.strip() else None
+def admin(m: Mount, *args: str, check: bool = True, timeout: float = 300) -> Any:
+    """``mirrorfs ARGS -c CONFIG --json``, answered as JSON. The CLI's own code runs (argument
+    parsing, finding the mount, the control socket or, unmounted, the registry, the JSON
+    output) but in this process: a fresh interpreter cost ~0.3 s of CPU per call, and the
+    suite makes hundreds (tests/test_cli.py and test_admin.py run the real command). In a
+    worker thread, so that a daemon that never answers fails the test instead of hanging it."""
+    from mirrorfs.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    result: list[int] = []
+
+    def run() -> None:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                result.append(main([*args, "-c", str(m.config), "--json"]))
+            except SystemExit as exc:  # argparse
+                result.append(exc.code if isinstance(exc.code, int) else 2)
+
+    t = threading.Thread(target=run, name="mirrorfs-admin", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"mirrorfs {' '.join(args)}: no answer in {timeout} s")
+    if check and result != [0]:
+        raise AssertionError(f"mirrorfs {' '.join(args)} failed ({result}): {err.getvalue()}")
+    return json.loads(out.getvalue()) if out.getvalue().strip() else None
 
 
 def drain(m: Mount, timeout: float = 120) -> None:
