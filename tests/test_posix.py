@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MountFactory
-from tests.mountutil import Mount, Syscall, is_mounted, traced_syscalls
+from tests.mountutil import Mount, Syscall, is_mounted, read_trace, strace_command
 
 TEST_USER = "mirrorfs-test"
 GiB = 1 << 30
@@ -567,40 +567,46 @@ def synced(calls: list[Syscall], path: Path, t0: float, t1: float) -> bool:
     return any(c.path == str(path) and t0 <= c.at <= t1 for c in calls)
 
 
-def test_fsync_fdatasync(mnt: Mount, tmp_path: Path) -> None:
+def test_fsync_fdatasync(make_mount: MountFactory, tmp_path: Path) -> None:
     """fsync(2) and fdatasync(2) return once the content file is on disk, the new size is
     committed and LMDB is synced (docs/ARCHITECTURE.md, "What is durable when"); fsync of a
-    directory syncs LMDB. None of that shows until a power cut, so the daemon's own system
-    calls are watched (strace), and the committed size is read back with `stats` while the
-    file is still open (a close would commit it anyway)."""
+    directory syncs LMDB. None of that shows until a power cut, so the daemon runs under
+    strace and its sync calls during each of ours are checked; the committed size is read back
+    with `stats` while the file is still open (a close would commit it anyway)."""
     from tests.test_mirrors import admin
 
+    trace = tmp_path / "strace.out"
+    mnt = make_mount(xattrs=True, start=False)
+    mnt.wrapper = strace_command(trace, SYNCS)
+    mnt.start()
     lmdb_file = cache_dir(mnt) / "meta" / "data.mdb"
     p = mnt.path / "f"
+    windows: list[tuple[str, Path, float, float]] = []
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         content = content_path(mnt, os.fstat(fd).st_ino)
         for data, sync in ((b"synced", os.fsync), (b" data", os.fdatasync)):
             os.write(fd, data)
-            with traced_syscalls(mnt.pid, SYNCS, tmp_path / "strace.out") as calls:
-                t0 = time.time()
-                sync(fd)
-                t1 = time.time()
-            assert synced(calls, content, t0, t1), (sync.__name__, calls)
-            assert synced(calls, lmdb_file, t0, t1), (sync.__name__, calls)
+            t0 = time.time()
+            sync(fd)
+            t1 = time.time()
+            windows += [(sync.__name__, content, t0, t1), (sync.__name__, lmdb_file, t0, t1)]
         assert content.read_bytes() == b"synced data"
         assert admin(mnt, "stats")["bytes"] == len(b"synced data")
     finally:
         os.close(fd)
     dfd = os.open(mnt.path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with traced_syscalls(mnt.pid, SYNCS, tmp_path / "strace.out") as calls:
-            t0 = time.time()
-            os.fsync(dfd)
-            t1 = time.time()
-        assert synced(calls, lmdb_file, t0, t1), calls
+        t0 = time.time()
+        os.fsync(dfd)
+        t1 = time.time()
+        windows.append(("fsync of the directory", lmdb_file, t0, t1))
     finally:
         os.close(dfd)
+    assert mnt.umount() == 0  # strace ends with the daemon: its record is complete
+    calls = read_trace(trace)
+    for what, path, t0, t1 in windows:
+        assert synced(calls, path, t0, t1), (what, path.name, calls)
 
 
 # ----------------------------------------------------------------------------- xattrs
