@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,6 +112,16 @@ def read_trace(out: Path) -> list[Syscall]:
     return calls
 
 
+def _accepts(path: str) -> bool:
+    """Whether a unix socket at ``path`` accepts a connection (closed again at once)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     p = os.path.realpath(path)
     with open("/proc/self/mounts") as f:
@@ -162,7 +173,29 @@ class Mount:
                 raise RuntimeError("mirrorfs did not mount in time:\n"
                                    + self.log.read_text(errors="replace")[-3000:])
             time.sleep(0.02)
+        # The kernel mount comes before the workers and the control socket; as `mirrorfs
+        # mount` does (it returns once the daemon is ready), wait for the socket to answer.
+        control = self.control_socket()
+        while not _accepts(control):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mirrorfs exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("mirrorfs mounted but its control socket did not answer:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            time.sleep(0.02)
         return self
+
+    def control_socket(self) -> str:
+        """``<cache_dir>/control.sock``, with cache_dir relative to the config's directory
+        as mirrorfs.config reads it."""
+        import tomllib
+
+        with open(self.config, "rb") as f:
+            cache_dir = tomllib.load(f)["cache_dir"]
+        return os.path.join(self.config.resolve().parent, os.path.expanduser(cache_dir),
+                            "control.sock")
 
     @property
     def pid(self) -> int:
