@@ -106,7 +106,7 @@ def read_trace(out: Path) -> list[Syscall]:
     """The calls ``strace_command`` recorded; complete once the daemon has exited."""
     calls = []
     for line in out.read_text(errors="replace").splitlines():
-        m = re.match(r"\d+ ([\d.]+) (\w+)\(\d+<([^>]*)>", line)
+        m = re.match(r"\d+\s+([\d.]+) (\w+)\(\d+<([^>]*)>", line)  # pids are padded
         if m:
             calls.append(Syscall(float(m[1]), m[2], m[3]))
     return calls
