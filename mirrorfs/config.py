@@ -98,11 +98,25 @@ def _url(value: object) -> str:
     return s
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (loopback) -> (host, port)."""
+    value = value.strip()
+    if value.isdigit():
+        host, port = "127.0.0.1", value
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT or a port number, got {value!r}")
+        host = host.strip("[]") or "127.0.0.1"
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, int(port)
+
+
+
 def _listen(value: object) -> str:
     s = _str(value)
     if s:
-        from mirrorfs.metrics import parse_listen
-
         parse_listen(s)
     return s
 
@@ -214,6 +228,15 @@ MIRROR_OPTIONS: dict[str, dict[str, Opt]] = {
 SECRET_KEYS = ("secret_access_key", "password")
 
 
+def mirror_defaults(kind: str) -> dict[str, Any]:
+    """Every option of a ``kind`` mirror that has a default, with it. The specs above are the
+    one place defaults are declared: a remote fills what its options lack from here (the
+    daemon's remotes get full tables from the config; tests build remotes from a few keys)."""
+    spec = {**COMMON_MIRROR, **MIRROR_OPTIONS[kind]}
+    return {key: default for key, (_check, default, _help) in spec.items()
+            if default is not REQUIRED}
+
+
 @dataclass(frozen=True)
 class MirrorConfig:
     name: str
@@ -244,9 +267,9 @@ class MirrorConfig:
         """What makes two configs point at the same remote store (cursors are kept per it)."""
         o = self.options
         if self.type == "s3":
-            return f"s3:{o.get('endpoint_url') or 'aws'}:{o['bucket']}:{o.get('prefix', '')}"
+            return f"s3:{o.get('endpoint_url') or 'aws'}:{o['bucket']}:{o['prefix']}"
         if self.type == "ftp":
-            return f"ftp:{o['host']}:{o.get('port', 21)}:{o.get('base_dir', '/')}"
+            return f"ftp:{o['host']}:{o['port']}:{o['base_dir']}"
         return f"dir:{os.path.abspath(o['path'])}"
 
 

@@ -24,6 +24,8 @@ from prometheus_client import CollectorRegistry, generate_latest, write_to_textf
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mirrorfs.config import parse_listen
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
@@ -219,21 +221,6 @@ def exposition(stats: Mapping[str, Any]) -> bytes:
 def write_textfile(path: str, stats: Mapping[str, Any]) -> None:
     """Atomically (temp file + rename), for node_exporter's textfile collector."""
     write_to_textfile(path, registry_for(lambda: stats))
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (loopback) -> (host, port)."""
-    value = value.strip()
-    if value.isdigit():
-        host, port = "127.0.0.1", value
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"expected HOST:PORT or a port number, got {value!r}")
-        host = host.strip("[]") or "127.0.0.1"
-    if not 0 < int(port) < 65536:
-        raise ValueError(f"port out of range in {value!r}")
-    return host, int(port)
 
 
 def start_server(daemon: Daemon, listen: str) -> WSGIServer | None:

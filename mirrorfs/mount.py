@@ -1,5 +1,5 @@
-"""Wiring: load config -> lock cache dir -> open registry -> recover -> open remotes ->
-start workers -> serve -> shut down.
+"""Wiring: lock cache dir -> open and probe remotes -> open registry -> recover -> mount ->
+start workers -> serve -> shut down (the config is loaded by the caller, :mod:`mirrorfs.cli`).
 
 Owns the lifetime of the daemon. Every step is a small function; :func:`serve` only calls
 them in order. The LMDB environment is flushed to disk every second and at shutdown.

@@ -6,9 +6,11 @@ committed. Two bounds apply:
 - ``cache_size`` and ``min_free`` bound what the cache holds. Clean files -- on every mirror
   that wants them, with the current version, not open, not pinned -- are evicted least recently
   used first, in the background and before a download or a write that needs the room. Dirty
-  files are never evicted (invariant 2): the bound is then exceeded rather than data lost, and
-  when the disk itself is full writes fail with ENOSPC. ``META_RESERVE`` bytes stay free
-  whatever ``min_free`` says, for the registry: content must never starve LMDB commits.
+  files are never evicted (invariant 2), nor clean ones whose mirrors are all down (found
+  unreachable at start or by a transfer): they could not be read back. The bound is then
+  exceeded rather than data lost or made unreadable, and when the disk itself is full writes
+  fail with ENOSPC. ``META_RESERVE`` bytes stay free whatever ``min_free`` says, for the
+  registry: content must never starve LMDB commits.
 - ``dirty_limit`` bounds data not yet on every mirror: a writer beyond it waits for uploads
   (back-pressure); if no mirror can make progress (all down or paused) or the wait exceeds
   ``DIRTY_WAIT`` seconds, the write fails with ENOSPC. Nothing already written is touched.
@@ -61,6 +63,7 @@ class Space:
         self.unsynced = 0  # bytes written through handles since their last commit
         self.downloading = 0  # bytes of downloads in progress (not yet in local_bytes)
         self.is_busy: Callable[[int], bool] = lambda ino: False
+        self.is_up: Callable[[str], bool] = lambda mirror: True
         self.can_upload: Callable[[], bool] = lambda: False
         self.wake = trio.Event()
         self._free = 0
@@ -136,7 +139,8 @@ class Space:
             rc = self.reg.remote_copy(txn, m.index, node.ino, p)
             if rc is None or rc.ver != node.ver:
                 return False
-        return True
+        # The local copy is the only readable one while every mirror holding it is down.
+        return any(self.is_up(m.name) for m, _ in wanted)
 
     def evict(self, ino: int, force_pinned: bool = False) -> int | None:
         """Drop the local copy of a clean file; None if it is not clean (or not local)."""

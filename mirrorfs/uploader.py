@@ -34,9 +34,11 @@ delete is done. While an
 inode has such a record its job stays, and every run of the job first finishes them
 (:meth:`Uploader._settle_pending`): after a crash, a failed delete or a cut rename.
 
-Concurrency contract: all LMDB access is here, in short synchronous transactions in the trio
-thread; remotes do their blocking work in threads of their own; hashing runs in a thread under
-``hash_limiter``. A job runs under a lease (a deadline); a job whose lease ends is cancelled
+Concurrency contract: the uploader's LMDB access (claims, completions, remote copies, the
+outbox) is in short synchronous transactions in the trio thread, never across an await (the
+handlers, the fetcher, pull and the admin commands open transactions of their own, under the
+same rule); remotes do their blocking work in threads of their own; hashing runs in a thread
+under ``hash_limiter``. A job runs under a lease (a deadline); a job whose lease ends is cancelled
 and requeued, and at startup every claimed job is pending again (see cache/recover.py).
 """
 
@@ -126,7 +128,6 @@ class MirrorState:
     in_flight: set[int] = field(default_factory=set)
     busy: dict[bytes, int] = field(default_factory=dict)
     wake: trio.Event = field(default_factory=trio.Event)
-    idle: trio.Event = field(default_factory=trio.Event)
 
 
 class Uploader:
@@ -191,11 +192,6 @@ class Uploader:
                 while m.in_flight:
                     await trio.sleep(0.05)
 
-    def pending(self) -> int:
-        with self.reg.db.begin() as txn:
-            return sum(1 for m in self.mirrors.values()
-                       for _ in self.reg.journal.iter_jobs(txn, m.rule.index))
-
     # ------------------------------------------------------------ scheduling
 
     async def _schedule(self, m: MirrorState) -> None:
@@ -221,8 +217,6 @@ class Uploader:
                         nxt = self.reg.journal.next_due(txn, m.rule.index)
                     if nxt is not None:
                         delay = min(delay, max(0.01, nxt - self.clock()))
-                if not m.in_flight:
-                    m.idle.set()
                 with trio.move_on_after(delay):
                     await m.wake.wait()
 
@@ -237,7 +231,6 @@ class Uploader:
                 if claimed is None:
                     continue
                 m.in_flight.add(ino)
-                m.idle = trio.Event()
                 nursery.start_soon(self._run, m, ino, claimed.seq)
                 started += 1
         return started

@@ -296,6 +296,7 @@ async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
     daemon.space = space
     ops.fetcher, ops.space, ops.stats = fetcher, space, stats
     space.is_busy = lambda ino: ino in ops.open_files or ino in fetcher.downloads
+    space.is_up = lambda name: all(m.up for m in uploader.by_name(name))
     space.can_upload = lambda: any(m.up and not m.paused for m in uploader.mirrors.values())
     uploader.on_done = lambda ino: space.kick()
     fetcher.on_complete = space.touch

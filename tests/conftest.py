@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def mnt(make_mount: MountFactory) -> Mount:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Generator[None, Any, None]:
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
@@ -85,12 +86,14 @@ def moto_server() -> Iterator[Any]:
 
 
 @pytest.fixture
-def s3(moto_server: Any) -> Any:
+def s3(moto_server: Any) -> Iterator[Any]:
     """The session's moto server with a fresh bucket for this test (``s3.bucket``)."""
     _bucket_seq[0] += 1
     moto_server.bucket = f"mirror-{os.getpid()}-{_bucket_seq[0]}"
     moto_server.create_bucket(moto_server.bucket)
-    return moto_server
+    yield moto_server
+    with contextlib.suppress(OSError):  # a test that started moto's recorder must not slow
+        moto_server.stop_recording()  # the rest (it writes every request body to a file)
 
 
 @pytest.fixture

@@ -71,6 +71,8 @@ class FaultProxy:
         self.refusing = False
         self.faults: Counter[str] = Counter()
         self.connections = 0
+        #: chunks forwarded after waiting ``delay`` (what a test can check instead of a time)
+        self.delayed = 0
         self._cut: _CutRule | None = None
         self._conns: list[_Conn] = []
         self._lock = threading.Lock()
@@ -234,6 +236,8 @@ class FaultProxy:
                         return
                     if self.delay:
                         time.sleep(self.delay)
+                        with self._lock:
+                            self.delayed += 1
                     if not self._send(conn, dst, data):
                         return
                     conn.sent[direction] += len(data)

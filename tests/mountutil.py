@@ -12,10 +12,12 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,44 @@ def resident_bytes(path: str | bytes | os.PathLike[str]) -> int:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Syscall:
+    at: float  # wall-clock time of entry (strace -ttt)
+    name: str
+    path: str  # of the first argument, a file descriptor
+
+
+def strace_command(out: Path, syscalls: Iterable[str]) -> list[str]:
+    """A command prefix that runs the daemon under strace from its start (set it as
+    :attr:`Mount.wrapper`), recording ``syscalls`` of every thread with the path of their file
+    descriptor argument into ``out``: a test's way to see a call whose effect is invisible until
+    a power cut (fsync). Tracing from the start, not attaching later: a thread strace has
+    seized but not yet set tracing could make the call unseen. Only those calls stop the
+    daemon (seccomp-bpf), so it runs at its usual pace otherwise."""
+    return ["strace", "-f", "--seccomp-bpf", "-qq", "-y", "-ttt",
+            "-e", "trace=" + ",".join(syscalls), "-o", str(out)]
+
+
+def read_trace(out: Path) -> list[Syscall]:
+    """The calls ``strace_command`` recorded; complete once the daemon has exited."""
+    calls = []
+    for line in out.read_text(errors="replace").splitlines():
+        m = re.match(r"\d+\s+([\d.]+) (\w+)\(\d+<([^>]*)>", line)  # pids are padded
+        if m:
+            calls.append(Syscall(float(m[1]), m[2], m[3]))
+    return calls
+
+
+def _accepts(path: str) -> bool:
+    """Whether a unix socket at ``path`` accepts a connection (closed again at once)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     p = os.path.realpath(path)
     with open("/proc/self/mounts") as f:
@@ -105,11 +145,13 @@ class Mount:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.expected_log: list[str] = []
+        #: a command prefix for the daemon (e.g. :func:`strace_command`); ``pid`` is then its pid
+        self.wrapper: list[str] = []
         self._log_pos = 0
 
     def start(self, timeout: float = 30.0) -> Mount:
         self.path.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "mirrorfs.cli", "mount", "--foreground",
+        cmd = [*self.wrapper, sys.executable, "-m", "mirrorfs.cli", "mount", "--foreground",
                str(self.config), str(self.path)]
         for o in self.options:
             cmd += ["-o", o]
@@ -131,7 +173,29 @@ class Mount:
                 raise RuntimeError("mirrorfs did not mount in time:\n"
                                    + self.log.read_text(errors="replace")[-3000:])
             time.sleep(0.02)
+        # The kernel mount comes before the workers and the control socket; as `mirrorfs
+        # mount` does (it returns once the daemon is ready), wait for the socket to answer.
+        control = self.control_socket()
+        while not _accepts(control):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mirrorfs exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("mirrorfs mounted but its control socket did not answer:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            time.sleep(0.02)
         return self
+
+    def control_socket(self) -> str:
+        """``<cache_dir>/control.sock``, with cache_dir relative to the config's directory
+        as mirrorfs.config reads it."""
+        import tomllib
+
+        with open(self.config, "rb") as f:
+            cache_dir = tomllib.load(f)["cache_dir"]
+        return os.path.join(self.config.resolve().parent, os.path.expanduser(cache_dir),
+                            "control.sock")
 
     @property
     def pid(self) -> int:

@@ -179,8 +179,17 @@ class MotoS3(_Server):
             urllib.request.urlopen(urllib.request.Request(
                 f"{self.endpoint_url}/moto-api/recorder/{what}", method="POST")).read()
 
-    def recorded(self) -> list[tuple[str, str]]:
-        """(method, path) of every request since start_recording()."""
+    def stop_recording(self) -> None:
+        """Stop moto's recorder and empty its file: left on, it writes every later request
+        body (base64, in JSON) to disk for the rest of the session."""
+        import urllib.request
+
+        for what in ("stop-recording", "reset-recording"):
+            urllib.request.urlopen(urllib.request.Request(
+                f"{self.endpoint_url}/moto-api/recorder/{what}", method="POST")).read()
+
+    def recorded_requests(self) -> list[tuple[str, str, dict[str, str]]]:
+        """(method, path, headers) of every request since start_recording()."""
         import json
         import urllib.parse
         import urllib.request
@@ -193,8 +202,13 @@ class MotoS3(_Server):
                 e = json.loads(line)
             except ValueError:
                 continue  # a line moto is still writing
-            out.append((e["method"], urllib.parse.urlparse(e["url"]).path))
+            out.append((e["method"], urllib.parse.urlparse(e["url"]).path,
+                        dict(e.get("headers") or {})))
         return out
+
+    def recorded(self) -> list[tuple[str, str]]:
+        """(method, path) of every request since start_recording()."""
+        return [(method, path) for method, path, _h in self.recorded_requests()]
 
     def create_bucket(self, bucket: str) -> None:
         client = self.client()
@@ -219,13 +233,16 @@ class PyFtpd(_Server):
     """pyftpdlib in a thread of this process, one user whose home is ``root``."""
 
     def __init__(self, root: str | os.PathLike[str], user: str = "mirror",
-                 password: str = "secret", read_limit: int = 0) -> None:
+                 password: str = "secret", read_limit: int = 0, write_limit: int = 0) -> None:
         self.root = Path(root)
         self.user = user
         self.password = password
         #: bytes per second the server receives per upload (0: as fast as it can), for tests
         #: that need an upload in flight for a while
         self.read_limit = read_limit
+        #: bytes per second the server sends per download (0: as fast as it can), for tests
+        #: that need a download in flight for a while
+        self.write_limit = write_limit
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -254,12 +271,13 @@ class PyFtpd(_Server):
             FTPHandler.pre_process_command(h, line, cmd, arg)
 
         # auth_failed_timeout: no 3 s pause after a failed login (tests try wrong passwords)
-        handler = type("Handler", (FTPHandler,), {"authorizer": authorizer,
-                                                  "pre_process_command": pre_process_command,
-                                                  "auth_failed_timeout": 0})
-        if self.read_limit:
+        handler: Any = type("Handler", (FTPHandler,),
+                            {"authorizer": authorizer, "pre_process_command": pre_process_command,
+                             "auth_failed_timeout": 0})
+        if self.read_limit or self.write_limit:
             handler.dtp_handler = type("Dtp", (ThrottledDTPHandler,),
-                                       {"read_limit": self.read_limit})
+                                       {"read_limit": self.read_limit,
+                                        "write_limit": self.write_limit})
         # A private IOLoop: the default is a process-wide singleton that close_all() would
         # close under any other pyftpdlib server of this process.
         self._server = FTPServer((HOST, self.port), handler, ioloop=IOLoop())
@@ -436,10 +454,45 @@ def vsftpd(workdir: str | os.PathLike[str] | None = None, tls: bool = False) -> 
         yield server
 
 
+class SilentServer:
+    """A port that accepts TCP connections and never says a word (to test client timeouts).
+    ``connections`` counts those accepted: a client that retried would make more than one."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind((HOST, 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.05)
+        self.port = int(self._sock.getsockname()[1])
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)  # open, silent
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+
 @contextlib.contextmanager
-def silent_server() -> Iterator[int]:
-    """A port that accepts TCP connections and never says a word (to test client timeouts)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        s.listen(16)
-        yield int(s.getsockname()[1])
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -343,8 +343,7 @@ def test_objects_that_lie_after_upload_never_give_wrong_bytes(make_mount: Any, s
     print(results)
     assert results["f0.bin"] == results["f2.bin"] == results["f4.bin"] == "EIO"
     assert results["f1.bin"] == "right bytes"
-    time.sleep(1.2)
-    assert admin(m, "stats")["verify_failures"] >= 2
+    m.wait_for(lambda: admin(m, "stats")["verify_failures"] >= 2)
 
 
 # ---------------------------------------------------------------------- full disk

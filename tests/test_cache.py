@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.mountutil import Mount, resident_bytes
+from tests.mountutil import Mount, resident_bytes, write_config
 from tests.test_mirrors import admin, drain
 
 MiB = 1 << 20
@@ -67,10 +66,9 @@ def test_evict_then_read_back_counts_miss_then_hits(make_mount: Any, s3: Any) ->
     for _ in range(3):
         drop_caches()
         assert (m.path / "v.bin").read_bytes() == data
-    time.sleep(1.2)  # hot-path counters reach LMDB once a second
-    st = admin(m, "stats")
+    # online, stats adds the counts not yet flushed to LMDB
+    st = m.wait_for(lambda: (s := admin(m, "stats"))["hits"] - before["hits"] >= 3 and s)
     assert st["misses"] - before["misses"] == 1
-    assert st["hits"] - before["hits"] >= 3
     assert st["download_bytes"] - before["download_bytes"] == len(data)
     assert st["verify_failures"] == 0
 
@@ -103,6 +101,24 @@ def _first_byte_and_total(path: Path) -> tuple[float, float]:
     return first, time.monotonic() - t0
 
 
+def test_first_bytes_are_served_before_the_download_ends(make_mount: Any,
+                                                         tmp_path: Path) -> None:
+    """Streaming: the first read of a remote-only file returns while the rest of it is still
+    on its way (an FTP server sending 4 MiB/s; the download's end is the daemon's log line).
+    How early, against the whole download, is measured by the perf test below."""
+    from tests.servers import PyFtpd
+
+    with PyFtpd(tmp_path / "slow-ftp", write_limit=4 * MiB) as slow:
+        m = make_mount({"ftp": {"type": "ftp", **slow.options()}}, upload_delay=0)
+        data = remote_only(m, "movie.bin", 12 * MiB)
+        with open(m.path / "movie.bin", "rb", buffering=0) as f:
+            assert f.read(4096) == data[:4096]
+            assert not _downloads(m, "movie.bin"), "the first bytes waited for the whole file"
+            assert f.read() == data[4096:]
+        m.wait_for(lambda: len(_downloads(m, "movie.bin")) == 1)
+
+
+@pytest.mark.perf
 def test_streaming_over_ftp_serves_first_bytes_early(make_mount: Any, ftp: Any) -> None:
     """First bytes of a 256 MiB remote-only file arrive in under a tenth of its full download
     time (both measured in this run, FTP server streaming from disk)."""
@@ -121,6 +137,7 @@ def test_streaming_over_ftp_serves_first_bytes_early(make_mount: Any, ftp: Any) 
     assert min(ratios) < 0.1, ratios
 
 
+@pytest.mark.perf
 def test_s3_first_byte_close_to_plain_get(make_mount: Any, s3: Any) -> None:
     """First byte through mirrorfs within 1.3x of a plain boto3 GET's first byte of the same
     object, compared side by side (medians of alternating runs; moto reads the whole object
@@ -200,20 +217,27 @@ def test_stream_direct_io_reads_and_mmap(make_mount: Any, s3: Any, direct: bool)
             with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
                 assert mm[-10:] == data[-10:]
     m.wait_for(lambda: admin(m, "stats")["local_files"] == 1)
-    with open(m.path / "d.bin", "rb") as f, \
-            mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
+    with open(m.path / "d.bin", "rb") as local, \
+            mmap.mmap(local.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm:
         assert mm[:] == data
 
 
 def test_read_far_ahead_uses_a_ranged_request(make_mount: Any, s3: Any) -> None:
+    """A read far ahead of the stream gets a GET of its own chunk (moto's request log shows
+    its Range header), not a wait for the stream from the start to get there."""
     m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
     data = os.urandom(64 * MiB)
     (m.path / "seek.bin").write_bytes(data)
     drain(m)
     evict(m, m.path / "seek.bin")
+    s3.start_recording()
     with open(m.path / "seek.bin", "rb", buffering=0) as f:
         f.seek(60 * MiB)
         assert f.read(1000) == data[60 * MiB:60 * MiB + 1000]
+        ranges = [h.get("Range", "") for meth, p, h in s3.recorded_requests()
+                  if meth == "GET" and p.endswith("/seek.bin")]
+        # the chunk holding offset 60 MiB (4 MiB chunks: 15), asked for on its own
+        assert f"bytes={60 * MiB}-{64 * MiB - 1}" in ranges, ranges
         f.seek(0)
         assert f.read(1000) == data[:1000]
     assert (m.path / "seek.bin").read_bytes() == data
@@ -234,30 +258,31 @@ def test_stream_keeps_pace_with_a_slow_reader_and_not_an_idle_one(make_mount: An
                                                                     s3: Any) -> None:
     """The stream stays within the memory ring of a reader that reads (one that fell out of
     it would read the cache file instead, at half the speed), and runs on to the end when
-    the reader stops reading."""
+    the reader stops reading. Where the reader was when the download ended is read from the
+    daemon's log line, not timed."""
     m = make_mount({"s3": s3_mirror(s3)}, upload_delay=0)
     data = remote_only(m, "slow.bin", 128 * MiB)
     got = bytearray()
-    t0 = time.monotonic()
+    ended_at = None  # bytes the reader had when the download was over
     with open(m.path / "slow.bin", "rb", buffering=0) as f:
         while piece := f.read(MiB):
             got += piece
+            if ended_at is None and _downloads(m, "slow.bin"):
+                ended_at = len(got)
             time.sleep(0.02)
-    reader = time.monotonic() - t0
     assert got == data
-    took = m.wait_for(lambda: _download_seconds(m, "slow.bin"))
     # Paced, the stream ends when the reader is at most ~12 chunks (48 MiB) behind it:
-    # after ~80 of the reader's 128 MiB. Unpaced, moto sends 128 MiB in a fraction of it.
-    assert took > 0.5 * reader, (took, reader)
+    # after ~80 of the reader's 128 MiB (or after the reader's end). Unpaced, moto sends
+    # 128 MiB while the reader is at its first MiBs.
+    print(f"download over when the reader had {ended_at} bytes")
+    assert ended_at is None or ended_at >= 128 * MiB - 13 * 4 * MiB, ended_at
 
     evict(m, m.path / "slow.bin")
     with open(m.path / "slow.bin", "rb", buffering=0) as f:
         assert f.read(MiB) == data[:MiB]
         # no more reads: the download must not wait for this reader
         m.wait_for(lambda: len(_downloads(m, "slow.bin")) == 2, timeout=60)
-        took = _downloads(m, "slow.bin")[1]
         assert f.read() == data[MiB:]
-    assert took < 30
 
 
 def test_streamed_read_drops_the_pages_behind_its_reader(make_mount: Any, s3: Any) -> None:
@@ -292,8 +317,7 @@ def test_corrupt_first_mirror_reads_from_second_then_eio(make_mount: Any, s3: An
     client.put_object(Bucket=s3.bucket, Key="c.bin", Body=bytes(bad))
     evict(m, m.path / "c.bin")
     assert (m.path / "c.bin").read_bytes() == data
-    time.sleep(1.2)
-    assert admin(m, "stats")["verify_failures"] >= 1
+    m.wait_for(lambda: admin(m, "stats")["verify_failures"] >= 1)
     # both corrupt: EIO, never wrong bytes
     client.put_object(Bucket=second, Key="c.bin", Body=bytes(bad))
     evict(m, m.path / "c.bin")
@@ -390,13 +414,28 @@ def test_startup_check_turns_missing_content_remote_only_or_lost(make_mount: Any
 
 
 def test_unreachable_mirror_never_drops_a_clean_copy(make_mount: Any, ftp: Any) -> None:
-    m = make_mount({"ftp": {"type": "ftp", **ftp.options(timeout=2)}}, upload_delay=0)
+    """A clean file whose only mirror is unreachable keeps its local copy, the only one that
+    can be read: the cache bound (the space keeper) and `mirrorfs evict` both try to drop it
+    and must not. Once the mirror is back, the keeper evicts it and it streams back."""
+    ftp_mirror = {"ftp": {"type": "ftp", **ftp.options(timeout=2)}}
+    m = make_mount(ftp_mirror, upload_delay=0)
     m.expect_log(r"unreachable")
-    (m.path / "keep.bin").write_bytes(b"k" * 5000)
+    data = os.urandom(5000)
+    (m.path / "keep.bin").write_bytes(data)
     drain(m)
+    m.umount()
     ftp.stop()
-    m.restart()
+    # restart unreachable, with a bound the file alone exceeds: the keeper wants it gone
+    write_config(m.config, {"cache_dir": str(m.config.parent / "cache"), "log_level": "INFO",
+                            "upload_delay": 0, "cache_size": 1000}, ftp_mirror)
+    m.start()
+    assert admin(m, "stats")["mirrors"]["ftp"]["up"] is False
+    assert admin(m, "evict", str(m.path / "keep.bin"))["kept"] == ["keep.bin"]
     drop_caches()
-    assert (m.path / "keep.bin").read_bytes() == b"k" * 5000
-    shutil.rmtree(ftp.root)  # even a mirror that lost it does not make us lose it
-    assert (m.path / "keep.bin").read_bytes() == b"k" * 5000
+    assert (m.path / "keep.bin").read_bytes() == data
+    st = admin(m, "stats")
+    assert (st["local_files"], st["evictions"]) == (1, 0), st
+    ftp.start()  # back: the keeper may now drop the local copy, which streams back
+    m.wait_for(lambda: admin(m, "stats")["remote_only_files"] == 1, timeout=60)
+    drop_caches()
+    assert (m.path / "keep.bin").read_bytes() == data

@@ -110,24 +110,39 @@ def test_concurrent_change_leader_wins_and_loser_is_kept(make_mount: Any, s3: An
 
 
 def test_cursor_is_per_mirror_identity(make_mount: Any, s3: Any) -> None:
+    """Pull cursors are kept per mirror identity (endpoint, bucket, prefix), not per mirror
+    name: B keeps its cache dir and its mirror name but is pointed at another bucket, where
+    another node also called A starts its change log at 1. B must apply it, although its
+    cursor for A in the first bucket is past 1."""
     a = node(make_mount, s3, "A")
-    (a.path / "one").write_text("1")
+    for i in range(3):
+        (a.path / f"one{i}").write_text(str(i))
     b = node(make_mount, s3, "B")
-    b.wait_for(lambda: read_or_none(b.path / "one") == b"1", timeout=30)
+    b.wait_for(lambda: all(read_or_none(b.path / f"one{i}") == str(i).encode()
+                           for i in range(3)), timeout=30)
     b.umount()
-    # point B at another bucket: nothing of the first bucket's cursor applies there
     other = s3.bucket + "-other"
     s3.create_bucket(other)
     from tests.mountutil import write_config
 
-    write_config(b.config, {"cache_dir": str(b.config.parent / "cache2"), "node_id": "B",
-                            "upload_delay": 0.3},
-                 {"shared": {"type": "s3", **s3.options(bucket=other), "pull": True,
-                             "pull_interval": 0.5}})
+    shared = {"type": "s3", **s3.options(bucket=other), "pull": True, "pull_interval": 0.5,
+              "leader": "remote", "rescan_interval": 3600}
+    write_config(b.config, {"cache_dir": str(b.config.parent / "cache"), "node_id": "B",
+                            "upload_delay": 0.3, "attr_timeout": 0.5}, {"shared": shared})
     b.start()
-    (a.path / "two").write_text("2")
-    time.sleep(3)
-    assert not (b.path / "two").exists() and not (b.path / "one").exists()
+
+    def last_pull() -> float | None:
+        v: float | None = admin(b, "stats")["pull"]["shared"]["last_pull"]
+        return v
+
+    # Two pull rounds: the first one's listing pass (which registers objects no node wrote,
+    # and would find "two" by itself) is over, and found the other bucket empty.
+    first = b.wait_for(last_pull, timeout=30)
+    b.wait_for(lambda: (last_pull() or 0) > first, timeout=30)
+    a2 = make_mount({"shared": shared}, name="A2", node_id="A", upload_delay=0.3)
+    (a2.path / "two").write_text("2")
+    b.wait_for(lambda: read_or_none(b.path / "two") == b"2", timeout=30)
+    assert admin(b, "stats")["pull"]["shared"]["applied"] >= 1
 
 
 def test_pull_of_a_large_bucket_runs_in_steps_and_resumes(make_mount: Any, s3: Any) -> None:

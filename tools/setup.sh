@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-# systemd: its systemd-analyze checks the units `mirrorfs install` writes (tests)
-for pkg in fuse3 libfuse3-dev pkg-config gcc python3-dev patch vsftpd systemd; do
+# systemd: its systemd-analyze checks the units `mirrorfs install` writes (tests);
+# strace: test_fsync_fdatasync sees the daemon's sync calls
+for pkg in fuse3 libfuse3-dev pkg-config gcc python3-dev patch vsftpd systemd strace; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # python3-dev is only needed if the interpreter has no headers of its own (pyenv builds do).

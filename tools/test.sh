@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 .venv/bin/ruff check mirrorfs tests bench tools
+.venv/bin/mypy mirrorfs tests
+.venv/bin/lint-imports  # the layer contracts in pyproject.toml
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -76,7 +76,6 @@ F_OPEN_WRITE = 1  # a writer may have changed the content file since the last co
 F_PINNED = 2  # never evict
 F_ORPHAN = 4  # unlinked; kept until last close and until every mirror dropped it
 F_LOST = 8  # was dirty when its content file went missing: loud, never silently "fixed"
-F_HASH_WHOLE_ONLY = 16  # imported: no chunk hashes, the whole file is checked at the end
 
 U64 = struct.Struct(">Q")
 U16 = struct.Struct(">H")
@@ -131,10 +130,6 @@ class Inode:
 
     def copy(self, **changes: Any) -> Inode:
         return replace(self, **changes)
-
-    @property
-    def hash_hex(self) -> str | None:
-        return self.hash.hex() if self.hash_ver == self.ver and self.hash_ver else None
 
 
 # Job.state

@@ -1,8 +1,12 @@
 """Inodes, directory entries, attributes and xattrs, and the journal entries they cause.
 
-Owns the namespace. Each public method is one short, synchronous LMDB write transaction that
-changes metadata, touches the journal for every mirror that must hear of it, and updates the
-counters -- all or nothing. Nothing here awaits; callers in the trio thread call it inline.
+Owns the namespace. Each public method that takes no transaction (mknode, setattr, rename,
+unlink, commit_content...) is one short, synchronous LMDB write transaction that changes
+metadata, touches the journal for every mirror that must hear of it, and updates the counters
+-- all or nothing. Methods that take a ``txn`` (the ``*_txn`` readers, set_local, set_remote,
+supersede, add_remote_file...) run inside a transaction of the caller's (the uploader, the
+fetcher, pull, recovery), so that the caller's own records commit with them. Nothing here
+awaits; callers in the trio thread call it inline.
 
 Hard links: an inode may have several names (``nlink``); with more than one, every name is
 in the ``links`` db and ``Inode.parent``/``name`` is one of them. Mirrors key objects by path,
@@ -89,10 +93,6 @@ def now_ns() -> int:
 
 def dentry_key(parent: int, name: bytes) -> bytes:
     return U64.pack(parent) + name
-
-
-def is_file_like(mode: int) -> bool:
-    return not stat.S_ISDIR(mode)
 
 
 class Registry:

@@ -1,4 +1,5 @@
-"""Content files in the cache directory, named by inode number, and space accounting.
+"""Content files in the cache directory, named by inode number (the space they take is
+accounted in LMDB counters and bounded by :mod:`mirrorfs.space`).
 
 Owns ``<cache_dir>/data``. A file's content lives in ``data/<xx>/<ino hex>`` where ``xx`` is
 the low byte of the inode number (keeps directories small). Renames never touch these files:
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 
 TMP_SUFFIX = ".part"
 
@@ -41,9 +41,6 @@ class Store:
                      | os.O_CLOEXEC, 0o600)
         os.close(fd)
 
-    def exists(self, ino: int) -> bool:
-        return os.path.exists(self.path(ino))
-
     def size(self, ino: int) -> int | None:
         try:
             return os.lstat(self.path(ino)).st_size
@@ -54,11 +51,6 @@ class Store:
         for p in (self.path(ino), self.part_path(ino)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
-
-    def usage(self) -> tuple[int, int]:
-        """(total, free) bytes of the filesystem holding the cache."""
-        du = shutil.disk_usage(self.root)
-        return du.total, du.free
 
     def iter_inos(self) -> list[tuple[int, str]]:
         """Every content file as (ino, path); used by the startup check and fsck."""

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import trio
 import xxhash
 
+from mirrorfs.config import mirror_defaults
 from mirrorfs.errors import (
     InvalidKey,
     NotFound,
@@ -115,10 +116,11 @@ class DirRemote(Remote):
     """Mirror into a directory tree: one plain file per key, replaced atomically."""
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
+        options = {**mirror_defaults("dir"), **options}
         self.name = name
         self.base = os.path.abspath(options["path"])
         self.url_base: str | None = options.get("url_base")
-        self._limiter = trio.CapacityLimiter(options.get("concurrency", 4))
+        self._limiter = trio.CapacityLimiter(options["concurrency"])
         # Held (in threads) while a directory is created and filled, and while empty ones are
         # pruned, so that a delete never removes the directory a concurrent put is entering.
         self._tree_lock = threading.Lock()

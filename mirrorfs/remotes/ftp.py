@@ -37,6 +37,7 @@ import aioftp
 import trio
 import xxhash
 
+from mirrorfs.config import mirror_defaults
 from mirrorfs.errors import (
     InvalidKey,
     MirrorfsError,
@@ -309,21 +310,22 @@ class FtpRemote(Remote):
     """Mirror onto an FTP server: files under ``base_dir``, uploaded under a temp name first."""
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
+        options = {**mirror_defaults("ftp"), **options}
         self.name = name
         self.host: str = options["host"]
-        self.port = int(options.get("port", 21))
-        self.user: str = options.get("user", "anonymous")
-        self.password: str = options.get("password", "anonymous@")
-        if not options.get("passive", True):
+        self.port = int(options["port"])
+        self.user: str = options["user"]
+        self.password: str = options["password"]
+        if not options["passive"]:
             raise PermanentRemoteError(
                 f"mirror {name}: active FTP is not supported (aioftp speaks passive mode only)")
-        self.tls = bool(options.get("tls", False))
-        self.verify_tls = bool(options.get("verify_tls", True))
+        self.tls = bool(options["tls"])
+        self.verify_tls = bool(options["verify_tls"])
         self.ca_bundle: str | None = options.get("ca_bundle")
-        base = options.get("base_dir", "/").strip("/")
+        base = options["base_dir"].strip("/")
         self.base_parts = base.split("/") if base else []
-        self.connections = max(1, int(options.get("connections", 2)))
-        self.timeout = float(options.get("timeout", 30))
+        self.connections = max(1, int(options["connections"]))
+        self.timeout = float(options["timeout"])
         self.url_base: str | None = options.get("url_base")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

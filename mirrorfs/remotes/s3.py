@@ -30,6 +30,7 @@ import botocore.exceptions as bce
 import trio
 import xxhash
 
+from mirrorfs.config import mirror_defaults
 from mirrorfs.errors import (
     InvalidKey,
     MirrorfsError,
@@ -175,14 +176,13 @@ class S3Remote(Remote):
     copy_part_size = 512 * MiB
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
+        options = {**mirror_defaults("s3"), **options}
         self.name = name
         self.bucket: str = options["bucket"]
-        self.prefix: str = options.get("prefix", "")
-        self.concurrency = max(1, int(options.get("concurrency", 8)))
-        self.multipart_threshold = min(int(options.get("multipart_threshold", 64 * MiB)),
-                                       MAX_SINGLE)
-        self.multipart_chunksize = max(int(options.get("multipart_chunksize", 8 * MiB)),
-                                       MIN_PART)
+        self.prefix: str = options["prefix"]
+        self.concurrency = max(1, int(options["concurrency"]))
+        self.multipart_threshold = min(int(options["multipart_threshold"]), MAX_SINGLE)
+        self.multipart_chunksize = max(int(options["multipart_chunksize"]), MIN_PART)
         self.storage_class: str | None = options.get("storage_class")
         self.url_base: str | None = options.get("url_base")
         #: Parts of one upload in flight at once (boto3's transfer manager sends 10).
@@ -208,15 +208,15 @@ class S3Remote(Remote):
             aws_secret_access_key=o.get("secret_access_key"),
             aws_session_token=o.get("session_token"),
             profile_name=o.get("profile"),
-            region_name=o.get("region", "us-east-1"),
+            region_name=o["region"],
         )
         cfg: dict[str, Any] = {
             "max_pool_connections": self.concurrency + STREAM_CONNECTIONS,
             # One retry policy, ours (@retry): botocore's own would multiply the attempts.
             "retries": {"mode": "standard", "total_max_attempts": 1},
-            "s3": {"addressing_style": o.get("addressing_style", "auto")},
-            "connect_timeout": o.get("connect_timeout", 10),
-            "read_timeout": o.get("read_timeout", 60),
+            "s3": {"addressing_style": o["addressing_style"]},
+            "connect_timeout": o["connect_timeout"],
+            "read_timeout": o["read_timeout"],
             "user_agent_extra": "mirrorfs",
         }
         for name in ("signature_version", "request_checksum_calculation",
@@ -226,7 +226,7 @@ class S3Remote(Remote):
         verify: bool | str | None = None  # None: botocore's default (AWS_CA_BUNDLE, config)
         if o.get("ca_bundle"):
             verify = o["ca_bundle"]
-        elif not o.get("verify_tls", True):
+        elif not o["verify_tls"]:
             log.info("%s: TLS certificate verification is off", self._where())
             verify = False
         log.debug("%s: new client for endpoint %s", self._where(), o.get("endpoint_url"))
