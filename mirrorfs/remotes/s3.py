@@ -500,32 +500,25 @@ class S3Remote(Remote):
 
     @retry()
     async def rename(self, src: str, dst: str, size: int | None = None) -> None:
-        """Server-side copy (metadata kept), then delete the source: two requests when the
-        size is known to be under the single-copy limit, a HEAD first otherwise."""
-        sfull, dfull = self._full(src), self._full(dst)
-        if sfull == dfull:
+        """Server-side copy (metadata kept), then delete the source."""
+        if self._full(src) == self._full(dst):
             return
-        if size is not None and size <= self.copy_limit:
-            await self._s3("copy_object", f"copy {sfull} to {dfull}", Key=dfull,
-                           CopySource={"Bucket": self.bucket, "Key": sfull},
-                           MetadataDirective="COPY", **self._storage())
-            crash_point("s3-copied")
-            await self._s3("delete_object", f"rename {src}", Key=sfull)
-            return
-        head = await self._s3("head_object", f"rename {src}", Key=sfull)
-        await self._copy(sfull, dfull, head, None)
+        await self._copy_key(src, dst, size)
         crash_point("s3-copied")
-        await self._s3("delete_object", f"rename {src}", Key=sfull)
+        await self._s3("delete_object", f"rename {src}", Key=self._full(src))
 
     server_copy = True
 
     @retry()
     async def copy(self, src: str, dst: str, size: int | None = None) -> None:
-        """CopyObject with the metadata kept (one request under the single-copy limit; a
-        HEAD and a multipart copy above it)."""
+        if self._full(src) != self._full(dst):
+            await self._copy_key(src, dst, size)
+
+    async def _copy_key(self, src: str, dst: str, size: int | None) -> None:
+        """CopyObject with the metadata kept: one request when the size is known to be under
+        the single-copy limit, a HEAD and a multipart copy otherwise. Not retried here: the
+        public operation that calls it is."""
         sfull, dfull = self._full(src), self._full(dst)
-        if sfull == dfull:
-            return
         if size is not None and size <= self.copy_limit:
             await self._s3("copy_object", f"copy {sfull} to {dfull}", Key=dfull,
                            CopySource={"Bucket": self.bucket, "Key": sfull},
