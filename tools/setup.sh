@@ -39,15 +39,24 @@ fi
 # mirrorfs's own install finds the requirement satisfied. Without the patch mirrorfs still
 # works; only fallocate(2) is refused.
 if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "fallocate"))' 2>/dev/null; then
-    echo "setup: building pyfuse3 3.5.0 with the fallocate handler"
-    tmp=$(mktemp -d)
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip download -q --no-deps --no-binary pyfuse3 pyfuse3==3.5.0 -d "$tmp"
-    tar xzf "$tmp/pyfuse3-3.5.0.tar.gz" -C "$tmp"
-    patch -s -d "$tmp/pyfuse3-3.5.0" -p1 < tools/patches/pyfuse3-3.5.0-fallocate.patch
-    rm -f "$tmp/pyfuse3-3.5.0/src/pyfuse3/__init__.c"   # generated from the unpatched .pyx
-    .venv/bin/pip install -q "$tmp/pyfuse3-3.5.0"
-    rm -rf "$tmp"
+    # the built wheel is kept per patch and Python version: a fresh clone (CI) reuses it
+    py=$(.venv/bin/python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+    sum=$(sha256sum tools/patches/pyfuse3-3.5.0-fallocate.patch | cut -c1-12)
+    wheels="${XDG_CACHE_HOME:-$HOME/.cache}/mirrorfs/pyfuse3-3.5.0-$sum-$py"
+    if ! ls "$wheels"/pyfuse3-*.whl >/dev/null 2>&1; then
+        echo "setup: building pyfuse3 3.5.0 with the fallocate handler"
+        tmp=$(mktemp -d)
+        .venv/bin/pip install -q --upgrade pip >/dev/null
+        .venv/bin/pip download -q --no-deps --no-binary pyfuse3 pyfuse3==3.5.0 -d "$tmp"
+        tar xzf "$tmp/pyfuse3-3.5.0.tar.gz" -C "$tmp"
+        patch -s -d "$tmp/pyfuse3-3.5.0" -p1 < tools/patches/pyfuse3-3.5.0-fallocate.patch
+        rm -f "$tmp/pyfuse3-3.5.0/src/pyfuse3/__init__.c"   # generated from the unpatched .pyx
+        .venv/bin/pip wheel -q --no-deps -w "$tmp/wheel" "$tmp/pyfuse3-3.5.0"
+        mkdir -p "$wheels"
+        mv "$tmp"/wheel/pyfuse3-*.whl "$wheels/"
+        rm -rf "$tmp"
+    fi
+    .venv/bin/pip install -q --no-deps --force-reinstall "$wheels"/pyfuse3-*.whl
 fi
 stamp=.venv/.mirrorfs-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
