@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,36 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
 def lazy_unmount(path: str | os.PathLike[str]) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], stderr=subprocess.DEVNULL,
                    check=False)
+
+
+def kill_with_workload(m: Mount, child: int) -> None:
+    """SIGKILL the daemon, then the workload, and only then detach the dead mount (a child
+    still running after the detach would write into the directory under it)."""
+    assert m.proc is not None
+    os.killpg(m.proc.pid, signal.SIGKILL)
+    m.proc.wait()
+    m.proc = None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    lazy_unmount(m.path)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` on ``path`` (a small disk for ENOSPC tests), unmounted at the end
+    even if a daemon still holds it for a moment."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 class Mount:

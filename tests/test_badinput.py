@@ -20,7 +20,6 @@ import contextlib
 import errno
 import os
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from tests.mountutil import drop_page_cache, is_mounted
+from tests.mountutil import drop_page_cache, is_mounted, small_tmpfs
 from tests.servers import bucket_objects as s3_tree
 from tests.test_cli import EXIT_USAGE, cli
 from tests.test_mirrors import admin, drain
@@ -354,17 +353,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB tmpfs for the cache directory, unmounted at the end."""
     d = tmp_path / "small"
     d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(d)],
-                   check=True)
-    try:
+    with small_tmpfs(d, "64m"):
         yield d
-    finally:
-        for _ in range(50):
-            if subprocess.run(["umount", str(d)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -26,7 +26,6 @@ import contextlib
 import errno
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from tests.mountutil import Mount, lazy_unmount
+from tests.mountutil import kill_with_workload
 from tests.servers import bucket_objects as s3_tree
 from tests.test_mirrors import admin, drain, tree
 
@@ -217,19 +216,6 @@ def remove_tmp_files(mnt: Path) -> int:
     return n
 
 
-def crash(m: Mount, child: int) -> None:
-    """SIGKILL the daemon, then the workload, and only then detach the dead mount (a child
-    still running after the detach would write into the directory under it)."""
-    assert m.proc is not None
-    os.killpg(m.proc.pid, signal.SIGKILL)
-    m.proc.wait()
-    m.proc = None
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(child, signal.SIGKILL)
-    os.waitpid(child, 0)
-    lazy_unmount(m.path)
-
-
 def test_sigkill_at_random_moments_loses_nothing(make_mount: Any, s3: Any,
                                                  tmp_path: Path) -> None:
     seed = int(os.environ.get("MIRRORFS_CRASH_SEED") or random.randrange(1 << 32))
@@ -264,7 +250,7 @@ def test_sigkill_at_random_moments_loses_nothing(make_mount: Any, s3: Any,
         time.sleep(rng.uniform(0.3, 1.0))
         killed_at = time.time()
         t1 = time.monotonic()
-        crash(m, pid)
+        kill_with_workload(m, pid)
         kills += 1
         t2 = time.monotonic()
         with open(side) as f:

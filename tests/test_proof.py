@@ -8,7 +8,6 @@ environment the daemon kills itself when it reaches that point (``mirrorfs/seams
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.mountutil import REPO, Mount, lazy_unmount
+from tests.mountutil import REPO, Mount, kill_with_workload, lazy_unmount
 from tests.servers import bucket_objects as s3_tree
 from tests.test_mirrors import CLI, admin, drain, tree
 
@@ -352,7 +351,6 @@ def mirror_state(tmp_path: Path, s3: Any, ftp: Any) -> dict[str, dict[str, bytes
 def run_random_kills(make_mount: Any, s3: Any, ftp: Any, tmp_path: Path,
                      kills: int) -> None:
     import random
-    import signal
     import time
 
     seed = int(os.environ.get("MIRRORFS_PROOF_SEED") or random.randrange(1 << 32))
@@ -373,14 +371,7 @@ def run_random_kills(make_mount: Any, s3: Any, ftp: Any, tmp_path: Path,
             finally:
                 os._exit(0)
         time.sleep(rng.uniform(0.2, 1.2))
-        assert m.proc is not None
-        os.killpg(m.proc.pid, signal.SIGKILL)
-        m.proc.wait()
-        m.proc = None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        lazy_unmount(m.path)
+        kill_with_workload(m, pid)
         m.start()
         for entry in list(os.scandir(m.path)) + [e for d in ("d0", "d1")
                                                  for e in os.scandir(m.path / d)]:

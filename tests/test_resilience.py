@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from mirrorfs.changelog import parse_record
 from mirrorfs.control import ControlClient
 from mirrorfs.errors import BadRecord
-from tests.mountutil import REPO, Mount, drop_page_cache
+from tests.mountutil import REPO, Mount, drop_page_cache, small_tmpfs
 from tests.test_mirrors import CLI, admin, drain
 from tests.test_multinode import node, read_or_none
 
@@ -323,17 +323,8 @@ def small_data_dir(tmp_path: Path) -> Iterator[Path]:
     cache = tmp_path / "m" / "cache"
     data = cache / "data"
     data.mkdir(parents=True, mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(data)],
-                   check=True)
-    try:
+    with small_tmpfs(data, "32m"):
         yield cache
-    finally:
-        for _ in range(50):
-            if subprocess.run(["umount", str(data)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(["umount", "-l", str(data)], check=False)
 
 
 def _fill(path: Path) -> None:
