@@ -26,11 +26,13 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 
 def _stale_release_reply(record: logging.LogRecord) -> bool:
-    """pyfuse3 logs an ERROR when the kernel no longer waits for the reply to a RELEASE
-    (ENOENT: a file closed just before an unmount; the release itself ran). Nothing is
-    wrong then: keep the line, at DEBUG."""
-    if record.levelno == logging.ERROR and record.getMessage().startswith(
-            "fuse_release(): fuse_reply_* failed with No such file or directory"):
+    """pyfuse3 logs an ERROR when the kernel no longer waits for the reply to a RELEASE or
+    RELEASEDIR (ENOENT: a file or directory closed just before an unmount; the release itself
+    ran). Nothing is wrong then: keep the line, at DEBUG."""
+    msg = record.getMessage()
+    if record.levelno == logging.ERROR and msg.startswith(
+            ("fuse_release(): ", "fuse_releasedir(): ")) and msg.endswith(
+            "fuse_reply_* failed with No such file or directory"):
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
     return True
