@@ -37,32 +37,27 @@ no content is lost). Empty directories and symlinks do not travel.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import stat
-import struct
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import lmdb
 import pyfuse3
 import trio
 
-from mirrorfs.cache.db import (
-    LOCAL_FULL,
-    LOCAL_NONE,
-    MQ,
-    U16,
-    U64,
-    Inode,
-    RemoteCopy,
-    bump_counter,
-    get_counter,
-    set_counter,
+from mirrorfs.cache.db import MQ, ROOT_INO, Inode
+from mirrorfs.cache.sync import (
+    Handles,
+    NoHandles,
+    Outcome,
+    SyncRecords,
+    conflicts,
+    emit,
+    problems,
 )
 from mirrorfs.changelog import (
     MAX_FILE_SIZE,
@@ -76,9 +71,11 @@ from mirrorfs.changelog import (
 from mirrorfs.control import Progress
 from mirrorfs.errors import BadRecord, MirrorfsError, NotFound
 from mirrorfs.maintenance import safe_key
+from mirrorfs.remotes.base import ObjectMeta
 
 if TYPE_CHECKING:
     from mirrorfs.config import MirrorConfig
+    from mirrorfs.fs import Operations
     from mirrorfs.mount import Daemon
     from mirrorfs.uploader import MirrorState
 
@@ -89,18 +86,26 @@ LOG_PREFIX = ".mirrorfs/log/"
 EXCERPT = 160
 
 
+__all__ = ["Sync", "cmd_conflicts", "cmd_problems", "cmd_pull", "emit", "sync_stats"]
+
+
 class _Later(Exception):
     """A record that cannot be applied yet: the rest of its node's feed waits for the next
     round (records of one node are applied in order)."""
 
 
-def emit(txn: lmdb.Transaction, daemon_db: Any, mirror: int, rec: dict[str, Any]) -> None:
-    """Add a change record to the outbox (called by the uploader in its completion txn)."""
-    counters = daemon_db.db["counters"]
-    seq = get_counter(txn, counters, b"m%d.outbox_seq" % mirror) + 1
-    set_counter(txn, counters, b"m%d.outbox_seq" % mirror, seq)
-    rec["seq"] = seq
-    txn.put(MQ.pack(mirror, seq), json.dumps(rec).encode(), db=daemon_db.db["outbox"])
+class _OpenFiles:
+    """The open-file table of the mount, as the pull's records see it."""
+
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+
+    def is_open(self, ino: int) -> bool:
+        return self.ops.is_open(ino)
+
+    def is_writing(self, ino: int) -> bool:
+        of = self.ops.open_files.get(ino)
+        return of is not None and (of.dirty or of.writers > 0)
 
 
 def _invalidate_inodes(inos: list[int]) -> None:
@@ -144,22 +149,8 @@ class Sync:
         #: node -> seq of its record that waits (see _Later), logged once, not every round
         self.waits: dict[str, int] = {}
         self._stale: list[int] = []  # inodes whose cached pages the kernel must drop
-
-    # ------------------------------------------------------------ cursors
-
-    def _cursor_key(self, what: str) -> bytes:
-        return f"pull:{self.identity}:{what}".encode()
-
-    def _get_cursor(self, txn: lmdb.Transaction, what: str) -> bytes | None:
-        v = txn.get(self._cursor_key(what), db=self.d.reg.db.db["cursors"])
-        return bytes(v) if v is not None else None
-
-    def _set_cursor(self, txn: lmdb.Transaction, what: str, value: bytes | None) -> None:
-        key = self._cursor_key(what)
-        if value is None:
-            txn.delete(key, db=self.d.reg.db.db["cursors"])
-        else:
-            txn.put(key, value, db=self.d.reg.db.db["cursors"])
+        handles: Handles = NoHandles() if d.ops is None else _OpenFiles(d.ops)
+        self.records = SyncRecords(d.reg, self.idx, self.identity, handles)
 
     # ------------------------------------------------------------ loop
 
@@ -185,19 +176,8 @@ class Sync:
 
     async def publish(self) -> int:
         """Write the outbox to the mirror's change log; returns records published."""
-        outbox = self.d.reg.db.db["outbox"]
-        with self.d.reg.db.begin() as txn:
-            cur = txn.cursor(db=outbox)
-            recs: list[tuple[bytes, bytes]] = []
-            nbytes = 0
-            if cur.set_range(U16.pack(self.idx)):
-                for k, v in cur:
-                    # the other nodes refuse objects over MAX_LOG_OBJECT (half: headroom)
-                    if k[:2] != U16.pack(self.idx) or len(recs) >= PUBLISH_BATCH or \
-                            (recs and nbytes + len(v) + 1 > MAX_LOG_OBJECT // 2):
-                        break
-                    recs.append((bytes(k), bytes(v)))
-                    nbytes += len(v) + 1
+        # the other nodes refuse objects over MAX_LOG_OBJECT (half: headroom)
+        recs = self.records.outbox_batch(PUBLISH_BATCH, MAX_LOG_OBJECT // 2)
         if not recs:
             return 0
         first, last = MQ.unpack(recs[0][0])[1], MQ.unpack(recs[-1][0])[1]
@@ -206,14 +186,10 @@ class Sync:
             f.write(b"\n".join(v for _k, v in recs) + b"\n")
             tmp = f.name
         try:
-            from mirrorfs.remotes.base import ObjectMeta
-
             await self.remote.put(key, tmp, ObjectMeta(os.path.getsize(tmp)))
         finally:
             os.unlink(tmp)
-        with self.d.reg.db.begin(write=True) as txn:
-            for k, _v in recs:
-                txn.delete(k, db=outbox)
+        self.records.published([k for k, _v in recs])
         return len(recs)
 
     # ------------------------------------------------------------ pulling the log
@@ -259,9 +235,7 @@ class Sync:
             except BadRecord as exc:
                 self._quarantine(node, key, 0, None, str(exc), b"")
                 continue  # not one of ours: the cursor stays, other objects go on
-            with self.d.reg.db.begin() as txn:
-                v = self._get_cursor(txn, "node:" + node)
-            done = U64.unpack(v)[0] if v else 0
+            done = self.records.node_done(node)
             if b <= done:
                 continue
             try:
@@ -295,8 +269,7 @@ class Sync:
                     break
                 done = rec["seq"]
                 applied += 1
-                with self.d.reg.db.begin(write=True) as txn:
-                    self._set_cursor(txn, "node:" + node, U64.pack(done))
+                self.records.advance(node, done)
             else:
                 # Every line was handled: quarantined lines at the end do not hold the
                 # cursor back (the object would be read again every round).
@@ -307,10 +280,7 @@ class Sync:
         return applied
 
     def _skip_to(self, node: str, seq: int) -> None:
-        with self.d.reg.db.begin(write=True) as txn:
-            v = self._get_cursor(txn, "node:" + node)
-            if not v or U64.unpack(v)[0] < seq:
-                self._set_cursor(txn, "node:" + node, U64.pack(seq))
+        self.records.advance(node, seq)
 
     async def _fetch_capped(self, key: str) -> bytes:
         """The whole object, read in the stream's pieces; BadRecord past MAX_LOG_OBJECT (the
@@ -327,17 +297,12 @@ class Sync:
                     raw: bytes) -> None:
         """Record a change-log record (``line`` > 0) or a whole object (``line`` 0) that
         failed its checks: logged and counted the first time only, listed by ``problems``."""
-        pkey = f"pull:{self.identity}:{key}".encode() + b"\0" + U64.pack(line)
-        problems = self.d.reg.db.db["problems"]
-        with self.d.reg.db.begin(write=True) as txn:
-            if txn.get(pkey, db=problems) is not None:
-                return
-            entry = {"time": time.time(), "kind": "change-log record" if line else
-                     "change-log object", "mirror": self.cfg.name, "node": node,
-                     "object": key, "line": line, "seq": seq, "problem": problem,
-                     "excerpt": raw[:EXCERPT].decode("utf-8", "backslashreplace")}
-            txn.put(pkey, json.dumps(entry).encode(), db=problems)
-            bump_counter(txn, self.d.reg.counters, b"quarantined", 1)
+        entry = {"time": time.time(), "kind": "change-log record" if line else
+                 "change-log object", "mirror": self.cfg.name, "node": node,
+                 "object": key, "line": line, "seq": seq, "problem": problem,
+                 "excerpt": raw[:EXCERPT].decode("utf-8", "backslashreplace")}
+        if not self.records.quarantine(key, line, entry):
+            return
         log.warning("pull from %s: %s (%s, node %r) quarantined: %s", self.cfg.name, key,
                     f"line {line}" if line else "whole object", node, problem)
 
@@ -359,55 +324,6 @@ class Sync:
     def _kick(self) -> None:
         if self.d.uploader is not None:
             self.d.uploader.kick()
-
-    def _lookup(self, txn: lmdb.Transaction, path: bytes) -> Inode | None:
-        from mirrorfs.cache.db import ROOT_INO
-
-        node = self.d.reg.get_txn(txn, ROOT_INO)
-        for part in path.split(b"/"):
-            if node is None or not stat.S_ISDIR(node.mode):
-                return None
-            node = self.d.reg.lookup_txn(txn, node.ino, part)
-        return node
-
-    def _entry(self, txn: lmdb.Transaction, path: bytes) -> tuple[int, bytes]:
-        """The (directory inode, name) of the entry at ``path`` (which exists): a file with
-        hard links has several, and a record is about this one."""
-        from mirrorfs.cache.db import ROOT_INO
-
-        head, _, name = path.rpartition(b"/")
-        parent = self._lookup(txn, head) if head else self.d.reg.get_txn(txn, ROOT_INO)
-        assert parent is not None
-        return parent.ino, name
-
-    def _split(self, txn: lmdb.Transaction, node: Inode, path: bytes) -> None:
-        """``path`` is one of several names of ``node`` (hard links here) and takes another
-        node's version: to the other nodes every path is a file of its own. The name leaves
-        the inode, which keeps its other names and its content; the object at ``path`` is
-        the other node's now, so our record of it goes without a remote delete. The caller
-        then registers ``path`` as a new file."""
-        reg = self.d.reg
-        reg.drop_remote(txn, self.idx, node.ino, path)
-        reg.unlink_txn(txn, *self._entry(txn, path))
-        self._invalidate(node, False)
-
-    def _current_hash(self, txn: lmdb.Transaction, node: Inode) -> bytes | None:
-        if node.hash_ver == node.ver and node.hash_ver:
-            return node.hash
-        return None
-
-    def _dirty_here(self, txn: lmdb.Transaction, ino: int) -> bool:
-        """This node changed the file and the mirror has not got that change yet: a journal
-        job, or a handle that is writing it. With the kernel's writeback cache the writes of
-        an open file may not even have reached us yet (they come at writeback or close), so
-        a file opened for writing counts as changed until its last handle is released; its
-        changes are then committed and journaled as any others. Offline there are no handles.
-        """
-        if self.d.reg.journal.get(txn, self.idx, ino) is not None:
-            return True
-        ops = self.d.ops
-        of = ops.open_files.get(ino) if ops is not None else None
-        return of is not None and (of.dirty or of.writers > 0)
 
     def _invalidate(self, node: Inode, content: bool) -> None:
         """Drop the kernel's cached entry of ``node`` now, and with ``content`` its cached
@@ -441,123 +357,33 @@ class Sync:
         threading.Thread(target=work, name="mirrorfs-invalidate", daemon=True).start()
         await done.wait()
 
-    def _remote_copy(self, rec: dict[str, Any], path: bytes, ver: int) -> RemoteCopy:
-        return RemoteCopy(path, ver, bytes.fromhex(rec["hash"]), int(rec["size"]),
-                          stat.S_IFREG | int(rec.get("mode", 0o644)), int(rec["mtime"]))
-
-    def _store_chunks(self, txn: lmdb.Transaction, ino: int, ver: int,
-                      rec: dict[str, Any]) -> None:
-        if rec.get("chunks"):
-            txn.put(U64.pack(ino), U64.pack(ver) + bytes.fromhex(rec["chunks"]),
-                    db=self.d.reg.chunks)
-
     async def _apply_put(self, rec: dict[str, Any], path: bytes, node_name: str) -> None:
-        reg = self.d.reg
-        new_hash = bytes.fromhex(rec["hash"])
-        prev = bytes.fromhex(rec["prev"]) if rec.get("prev") else None
-        conflict = None
-        with reg.db.begin(write=True) as txn:
-            node = self._lookup(txn, path)
-            if node is None:
-                status, made = reg.add_remote_file(
-                    txn, path, int(rec["size"]), int(rec["mtime"]),
-                    int(rec.get("mode", 0o644)), new_hash, self.idx, path)
-                if made is not None and status == "added":
-                    self._store_chunks(txn, made.ino, made.ver, rec)
-                    self._requeue_others(txn, made.ino, path)
-                    self._invalidate(made, False)
-                elif status == "blocked":
-                    log.warning("pull: %r from node %s: a file is in the way of its directory",
-                                os.fsdecode(path), node_name)
-                return
-            if not stat.S_ISREG(node.mode):
-                log.warning("pull: %r from node %s: a directory is in the way",
-                            os.fsdecode(path), node_name)
-                return
-            cur = self._current_hash(txn, node)
-            rc = reg.remote_copy(txn, self.idx, node.ino, path)
-            if node.nlink > 1 and cur != new_hash and not self._dirty_here(txn, node.ino):
-                # One of several names here: that path alone takes their version.
-                self._split(txn, node, path)
-                _status, made = reg.add_remote_file(
-                    txn, path, int(rec["size"]), int(rec["mtime"]),
-                    int(rec.get("mode", 0o644)), new_hash, self.idx, path)
-                if made is not None:
-                    self._store_chunks(txn, made.ino, made.ver, rec)
-                    self._requeue_others(txn, made.ino, path)
-                    self._invalidate(made, False)
-                return
-            if cur == new_hash or (rc is not None and rc.hash == new_hash
-                                   and not self._dirty_here(txn, node.ino)):
-                # Already this version: at most the metadata changed.
-                if (node.mode & 0o7777) != int(rec.get("mode", node.mode)) & 0o7777 \
-                        or node.mtime_ns != int(rec["mtime"]):
-                    node.mode = stat.S_IFREG | int(rec.get("mode", 0o644)) & 0o7777
-                    node.mtime_ns = int(rec["mtime"])
-                    txn.put(U64.pack(node.ino), node.pack(), db=reg.inodes)
-                    self._invalidate(node, False)
-                if rc is None or rc.hash != new_hash or rc.path != path:
-                    reg.set_remote(txn, self.idx, node.ino,
-                                   self._remote_copy(rec, path, node.ver))
-                return
-            agreed = (prev is not None and (cur == prev or (rc is not None and rc.hash == prev)))
-            if agreed and not self._dirty_here(txn, node.ino):
-                self._fast_forward(txn, node, rec, path)
-                return
-            conflict = (node, cur or (rc.hash if rc else b"\0" * 16))
-        await self._conflict(rec, path, node_name, *conflict)
+        out = self.records.apply_put(rec, path)
+        self._after(out)
+        if out.refused == "blocked":
+            log.warning("pull: %r from node %s: a file is in the way of its directory",
+                        os.fsdecode(path), node_name)
+        elif out.refused:
+            log.warning("pull: %r from node %s: a directory is in the way",
+                        os.fsdecode(path), node_name)
+        if out.later:
+            raise _Later(out.later)
+        if out.conflict is not None:
+            await self._conflict(rec, path, node_name, *out.conflict)
 
-    def _fast_forward(self, txn: lmdb.Transaction, node: Inode, rec: dict[str, Any],
-                      path: bytes) -> None:
-        """The other node changed a file we had not: take its version (remote-only).
-
-        A file open here gets a new inode (:meth:`Registry.supersede`) and the open one
-        lives on as an orphan until its last release, its handles reading the old content:
-        with the writeback cache the kernel never takes a new size from us for an inode it
-        holds, so a fresh open of the same inode read the new content cut to the old size.
-        A file not open is updated in place (the entry invalidation lets the kernel drop
-        its inode). A file open here with a job in flight cannot get a new inode yet (see
-        :meth:`Registry.supersede`), and updating it in place would cut the new content to
-        the size the kernel holds: the record waits for a later round (:class:`_Later`)."""
-        reg = self.d.reg
-        ops = self.d.ops
-        superseded = False
-        if ops is not None and ops.is_open(node.ino):
-            new = reg.supersede(txn, node)
-            if new is None:
-                raise _Later(f"{os.fsdecode(path)!r} is open here and a job of it is in flight")
-            node, superseded = new, True
-        old_size = node.size
-        if node.local == LOCAL_FULL:
-            reg.set_local(txn, node, LOCAL_NONE)
-            if ops is not None:  # readers keep the old file, new opens get the new one
-                ops.detach(node.ino)
-            self.d.store.remove(node.ino)
-        node.ver += 1
-        node.size = int(rec["size"])
-        node.mtime_ns = int(rec["mtime"])
-        node.ctime_ns = time.time_ns()
-        node.mode = stat.S_IFREG | (int(rec.get("mode", 0o644)) & 0o7777)
-        node.hash = bytes.fromhex(rec["hash"])
-        node.hash_ver = node.ver
-        txn.put(U64.pack(node.ino), node.pack(), db=reg.inodes)
-        reg.account_size(txn, node, old_size)
-        self._store_chunks(txn, node.ino, node.ver, rec)
-        reg.set_remote(txn, self.idx, node.ino, self._remote_copy(rec, path, node.ver))
-        self._requeue_others(txn, node.ino, path)
-        # The entry (the next lookup finds the new inode), and the pages of an inode updated
-        # in place; a new inode has none yet.
-        self._invalidate(node, not superseded)
-
-    def _requeue_others(self, txn: lmdb.Transaction, ino: int, path: bytes) -> None:
-        """This node's other mirrors lack the version just pulled: they get it from here."""
-        for m in self.d.reg.mirrors:
-            if m.index != self.idx and m.wants(path):
-                self.d.reg.requeue(txn, ino, m.index)
+    def _after(self, out: Outcome) -> None:
+        """What a transaction of :class:`SyncRecords` left to do once committed: a cache file
+        no longer the inode's content goes (readers keep the old file, new opens get the new
+        one), and the kernel drops what it caches."""
+        for ino in out.dropped:
+            if self.d.ops is not None:
+                self.d.ops.detach(ino)
+            self.d.store.remove(ino)
+        for node, content in out.invalidate:
+            self._invalidate(node, content)
 
     async def _conflict(self, rec: dict[str, Any], path: bytes, other: str, node: Inode,
                         ours: bytes) -> None:
-        reg = self.d.reg
         theirs = bytes.fromhex(rec["hash"])
         leader = self.cfg.leader
         we_win = leader == self.node
@@ -575,28 +401,13 @@ class Sync:
             await self._keep_theirs_aside(rec, path, cname, node)
         else:
             self._move_ours_aside(rec, path, cname, node)
-        with reg.db.begin(write=True) as txn:
-            txn.put(struct.pack(">d", time.time()) + U64.pack(node.ino),
-                    json.dumps(entry).encode(), db=reg.db.db["conflicts"])
+        self.records.record_conflict(node.ino, entry)
         self.state.conflicts += 1
 
     async def _keep_theirs_aside(self, rec: dict[str, Any], path: bytes, cname: bytes,
                                  node: Inode) -> None:
         """We win: download their bytes to the conflict name, then put ours back on the key."""
-        reg = self.d.reg
-        with reg.db.begin(write=True) as txn:
-            if self._lookup(txn, cname) is not None:
-                aside = None
-            else:
-                _status, aside = reg.add_remote_file(
-                    txn, cname, int(rec["size"]), int(rec["mtime"]),
-                    int(rec.get("mode", 0o644)), bytes.fromhex(rec["hash"]), self.idx, path)
-                if aside is not None:
-                    # It reads their object under the shared key, but must not own that key.
-                    reg.drop_remote(txn, self.idx, aside.ino, path)
-                    txn.put(MQ.pack(self.idx, aside.ino),
-                            self._remote_copy(rec, path, aside.ver).pack(), db=reg.remote)
-                    self._store_chunks(txn, aside.ino, aside.ver, rec)
+        aside = self.records.set_theirs_aside(rec, path, cname)
         if aside is not None:
             # Hold the key so that our own upload cannot overwrite their bytes mid-download.
             while self.m.busy.get(path, aside.ino) != aside.ino:
@@ -609,27 +420,15 @@ class Sync:
                           "gone from the mirror", os.fsdecode(path), exc)
             finally:
                 self.m.busy.pop(path, None)
-            with reg.db.begin(write=True) as txn:
-                txn.delete(MQ.pack(self.idx, aside.ino), db=reg.remote)
-                cur = reg.get_txn(txn, aside.ino)
-                if cur is not None and cur.local == LOCAL_FULL:
-                    reg.requeue(txn, aside.ino, self.idx)
-                    for m in reg.mirrors:
-                        if m.index != self.idx:
-                            reg.requeue(txn, aside.ino, m.index)
-        with reg.db.begin(write=True) as txn:
-            # Our version goes back onto the key (their upload overwrote it).
-            reg.drop_remote(txn, self.idx, node.ino, path)
-            reg.requeue(txn, node.ino, self.idx)
+            self.records.theirs_fetched(aside.ino)
+        # Our version goes back onto the key (their upload overwrote it).
+        self.records.drop_copy(node.ino, path, requeue=True)
 
     def _move_ours_aside(self, rec: dict[str, Any], path: bytes, cname: bytes,
                          node: Inode) -> None:
         """They win: our version moves to the conflict name; theirs takes the path."""
         reg = self.d.reg
-        with reg.db.begin(write=True) as txn:
-            # Our object on the shared key is theirs now: forget it without deleting it.
-            reg.drop_remote(txn, self.idx, node.ino, path)
-            parent, name = self._entry(txn, path)
+        parent, name = self.records.forget_shared(node.ino, path)
         cbase = cname.rpartition(b"/")[2]
         try:
             reg.rename(parent, name, parent, cbase, 0)
@@ -638,35 +437,28 @@ class Sync:
                       os.fsdecode(path), exc)
             return
         self._invalidate(node, False)
-        with reg.db.begin(write=True) as txn:
-            _status, made = reg.add_remote_file(
-                txn, path, int(rec["size"]), int(rec["mtime"]), int(rec.get("mode", 0o644)),
-                bytes.fromhex(rec["hash"]), self.idx, path)
-            if made is not None:
-                self._store_chunks(txn, made.ino, made.ver, rec)
-                self._invalidate(made, False)
+        made = self.records.take_theirs(rec, path)
+        if made is not None:
+            self._invalidate(made, False)
 
     def _apply_delete(self, rec: dict[str, Any], path: bytes, other: str) -> None:
-        reg = self.d.reg
+        reg, r = self.d.reg, self.records
         with reg.db.begin() as txn:
-            node = self._lookup(txn, path)
+            node = r.lookup(txn, path)
             if node is None or not stat.S_ISREG(node.mode):
                 return
             rc = reg.remote_copy(txn, self.idx, node.ino, path)
-            entry = self._entry(txn, path)
+            entry = r.entry(txn, path)
             gone = bytes.fromhex(rec["hash"]) if rec.get("hash") else None
-            ours = self._current_hash(txn, node)
+            ours = r.current_hash(node)
             same = gone is not None and (ours == gone or (rc is not None and rc.hash == gone))
-            dirty = self._dirty_here(txn, node.ino)
+            dirty = r.dirty_here(txn, node.ino)
         if not same or dirty:
             log.warning("pull: node %s deleted %r, which changed here: kept",
                         other, os.fsdecode(path))
-            with reg.db.begin(write=True) as txn:
-                reg.drop_remote(txn, self.idx, node.ino, path)
-                reg.requeue(txn, node.ino, self.idx)
+            r.drop_copy(node.ino, path, requeue=True)
             return
-        with reg.db.begin(write=True) as txn:
-            reg.drop_remote(txn, self.idx, node.ino, path)  # already gone there
+        r.drop_copy(node.ino, path, requeue=False)  # already gone there
         deleted, may_go = reg.unlink(*entry, want_dir=False)  # (one name of a linked file)
         if may_go:
             self.d.store.remove(deleted.ino)
@@ -674,18 +466,18 @@ class Sync:
 
     async def _apply_rename(self, rec: dict[str, Any], src: bytes, dst: bytes,
                             other: str) -> None:
-        reg = self.d.reg
+        reg, r = self.d.reg, self.records
         with reg.db.begin() as txn:
-            node = self._lookup(txn, src)
+            node = r.lookup(txn, src)
             ok = node is not None and stat.S_ISREG(node.mode)
             if ok:
                 assert node is not None
                 rc = reg.remote_copy(txn, self.idx, node.ino, src)
-                entry = self._entry(txn, src)
-                ours = self._current_hash(txn, node)
+                entry = r.entry(txn, src)
+                ours = r.current_hash(node)
                 moved = bytes.fromhex(rec["hash"])
                 ok = (ours == moved or (rc is not None and rc.hash == moved)) and \
-                    not self._dirty_here(txn, node.ino)
+                    not r.dirty_here(txn, node.ino)
         if not ok or node is None:
             # Not the file they moved (or changed here): treat it as a new file at dst.
             await self._apply_put({**rec, "op": "put", "prev": None}, dst, other)
@@ -693,12 +485,7 @@ class Sync:
         parent = self._mkdirs(dst.rpartition(b"/")[0])
         if parent is None:
             return
-        with reg.db.begin(write=True) as txn:
-            rc = reg.remote_copy(txn, self.idx, node.ino, src)
-            if rc is not None:  # the object already moved on the mirror
-                reg.set_remote(txn, self.idx, node.ino, RemoteCopy(
-                    dst, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
-                reg.drop_remote(txn, self.idx, node.ino, src)
+        r.copy_moved(node.ino, src, dst)  # the object already moved on the mirror
         _moved, replaced, gone = reg.rename(*entry, parent,
                                             dst.rpartition(b"/")[2], 0)
         if replaced is not None and gone and stat.S_ISREG(replaced.mode):
@@ -707,8 +494,6 @@ class Sync:
         self._rmdirs(src.rpartition(b"/")[0])
 
     def _mkdirs(self, dirpath: bytes) -> int | None:
-        from mirrorfs.cache.db import ROOT_INO
-
         ino = ROOT_INO
         for part in [p for p in dirpath.split(b"/") if p]:
             child = self.d.reg.lookup(ino, part)
@@ -723,7 +508,7 @@ class Sync:
         """Remove directories a rename emptied, deepest first (best effort)."""
         while dirpath:
             with self.d.reg.db.begin() as txn:
-                node = self._lookup(txn, dirpath)
+                node = self.records.lookup(txn, dirpath)
                 if node is None or not stat.S_ISDIR(node.mode) or \
                         next(self.d.reg.children_txn(txn, node.ino), None) is not None:
                     return
@@ -738,28 +523,20 @@ class Sync:
 
     async def rescan_step(self, progress: Progress | None = None) -> bool:
         """One step of the listing pass; True when the pass is complete."""
-        with self.d.reg.db.begin() as txn:
-            cur = self._get_cursor(txn, "scan")
-        page = await self.remote.list("", cur.decode() if cur else None,
+        page = await self.remote.list("", self.records.scan_position(),
                                       limit=self.cfg.pull_batch)
-        added = 0
-        with self.d.reg.db.begin(write=True) as txn:
-            for st in page.entries:
-                path = safe_key(st.key)
-                if path is None or reserved(path) or not 0 <= st.size <= MAX_FILE_SIZE or \
-                        self._lookup(txn, path) is not None:
-                    continue
-                status, made = self.d.reg.add_remote_file(
-                    txn, path, st.size, st.mtime_ns or time.time_ns(), 0o644, None, self.idx,
-                    path)
-                if status == "added" and made is not None:
-                    added += 1
-                    self._invalidate(made, False)
-            self._set_cursor(txn, "scan", page.cursor.encode() if page.cursor else None)
+        found = []
+        for st in page.entries:
+            path = safe_key(st.key)
+            if path is None or reserved(path) or not 0 <= st.size <= MAX_FILE_SIZE:
+                continue
+            found.append((path, st.size, st.mtime_ns or time.time_ns()))
+        added = self.records.add_listed(found, page.cursor)
+        for made in added:
+            self._invalidate(made, False)
         if progress is not None:
-            await progress({"listed": len(page.entries), "added": added})
+            await progress({"listed": len(page.entries), "added": len(added)})
         return page.cursor is None
-
 
 # ---------------------------------------------------------------- control commands
 
@@ -782,15 +559,12 @@ async def cmd_pull(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
 
 
 async def cmd_conflicts(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
-    with d.reg.db.begin() as txn:
-        return [json.loads(bytes(v)) for _k, v in txn.cursor(db=d.reg.db.db["conflicts"])]
+    return conflicts(d.reg.db)
 
 
 async def cmd_problems(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     """Input from the mirrors that was quarantined (see :meth:`Sync._quarantine`)."""
-    with d.reg.db.begin() as txn:
-        out = [json.loads(bytes(v)) for _k, v in txn.cursor(db=d.reg.db.db["problems"])]
-    return sorted(out, key=lambda p: p["time"])
+    return sorted(problems(d.reg.db), key=lambda p: p["time"])
 
 
 def sync_stats(d: Daemon) -> dict[str, Any]:
