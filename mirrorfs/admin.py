@@ -8,7 +8,6 @@ a million files as on ten.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pwd
@@ -20,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from mirrorfs.audit import audit_stats
+from mirrorfs.cache import admin_ops as ops
+from mirrorfs.cache import cursors
+from mirrorfs.cache.admin_ops import paused_mirrors
 from mirrorfs.cache.db import (
     F_LOST,
-    F_ORPHAN,
     F_PINNED,
     JOB_CLAIMED,
     JOB_FAILED,
-    JOB_PENDING,
     LOCAL_FULL,
     ROOT_INO,
-    U64,
     Inode,
     get_counter,
 )
@@ -139,7 +138,7 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
             ms["uploaded"] = ms.pop("copies")
             ms["uploaded_bytes"] = ms.pop("copy_bytes")
             ms.update(audit_stats(reg, txn, m.index))
-            ms["delayed_deletes"] = len(held_deletes(d, txn, m.index, now))
+            ms["delayed_deletes"] = len(ops.held_deletes(d.reg, txn, m.index, now))
             mirrors[m.name] = ms
         out["mirrors"] = mirrors
         out["journal_length"] = journal
@@ -181,30 +180,11 @@ async def cmd_queue(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
 
 
 async def cmd_retry(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
-    n = 0
-    with d.reg.db.begin(write=True) as txn:
-        for _name, idx in mirror_names(d, req.get("mirror")):
-            n += d.reg.journal.retry_failed(txn, idx, time.time())
+    n = ops.retry_failed(d.reg, [idx for _name, idx in mirror_names(d, req.get("mirror"))],
+                         time.time())
     if d.uploader is not None:
         d.uploader.kick()
     return {"retried": n}
-
-
-PAUSED_PREFIX = b"paused:"
-
-
-def paused_mirrors(reg: Registry) -> dict[str, dict[str, Any]]:
-    """Mirrors paused by ``mirrorfs pause`` (kept in LMDB: a pause survives a remount),
-    each with since when and by whom."""
-    out = {}
-    with reg.db.begin() as txn:
-        cur = txn.cursor(db=reg.db.db["meta"])
-        if cur.set_range(PAUSED_PREFIX):
-            for k, v in cur:
-                if not bytes(k).startswith(PAUSED_PREFIX):
-                    break
-                out[bytes(k)[len(PAUSED_PREFIX):].decode()] = json.loads(bytes(v))
-    return out
 
 
 def _who(req: dict[str, Any]) -> str:
@@ -218,11 +198,7 @@ def _who(req: dict[str, Any]) -> str:
 
 async def cmd_pause(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     names = [m for m, _ in mirror_names(d, req.get("mirror"))]
-    record = json.dumps({"since": time.time(), "by": _who(req)}).encode()
-    with d.reg.db.begin(write=True) as txn:
-        for name in names:  # a second pause keeps the first one's time
-            txn.put(PAUSED_PREFIX + name.encode(), record, db=d.reg.db.db["meta"],
-                    overwrite=False)
+    ops.set_paused(d.reg, names, {"since": time.time(), "by": _who(req)})
     if d.uploader is not None:
         d.uploader.pause(req.get("mirror"))
     return {"paused": names}
@@ -230,9 +206,7 @@ async def cmd_pause(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
 
 async def cmd_resume(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     names = [m for m, _ in mirror_names(d, req.get("mirror"))]
-    with d.reg.db.begin(write=True) as txn:
-        for name in names:
-            txn.delete(PAUSED_PREFIX + name.encode(), db=d.reg.db.db["meta"])
+    ops.clear_paused(d.reg, names)
     if d.uploader is not None:
         d.uploader.resume(req.get("mirror"))
     return {"resumed": names}
@@ -292,16 +266,7 @@ async def cmd_evict(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
 
 
 def _set_pin(d: Daemon, paths: list[str], pin: bool) -> int:
-    n = 0
-    for node in files_for(d.reg, paths):
-        with d.reg.db.begin(write=True) as txn:
-            cur = d.reg.get_txn(txn, node.ino)
-            if cur is None:
-                continue
-            cur.flags = cur.flags | F_PINNED if pin else cur.flags & ~F_PINNED
-            txn.put(U64.pack(cur.ino), cur.pack(), db=d.reg.inodes)
-            n += 1
-    return n
+    return sum(ops.set_pinned(d.reg, node.ino, pin) for node in files_for(d.reg, paths))
 
 
 async def cmd_pin(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
@@ -324,35 +289,10 @@ async def cmd_unpin(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     return {"unpinned": _set_pin(d, req.get("paths", []), False)}
 
 
-def held_deletes(d: Daemon, txn: Any, mirror: int, now: float) -> set[int]:
-    """Inodes whose delete on ``mirror`` waits out ``delete_policy = "delayed"``: the undo
-    window, which `drain` and `umount --wait` keep unless told otherwise."""
-    rule = next((r for r in d.reg.mirrors if r.index == mirror), None)
-    if rule is None or rule.delete_policy != "delayed":
-        return set()
-    out = set()
-    for ino, job in d.reg.journal.iter_jobs(txn, mirror):
-        if job.state != JOB_PENDING or job.due <= now:
-            continue
-        node = d.reg.get_txn(txn, ino)
-        if node is None or node.flags & F_ORPHAN:
-            out.add(ino)
-    return out
-
-
 def expedite_all(d: Daemon, inos: list[int] | None = None, deletes: bool = True) -> int:
     """Skip the cool-down: every pending job (or those of ``inos``) is due now; with
     ``deletes`` False, not the deletes held by a delayed delete policy."""
-    now = time.time()
-    n = 0
-    with d.reg.db.begin(write=True) as txn:
-        for m in d.reg.mirrors:
-            targets = inos if inos is not None else [
-                ino for ino, _job in d.reg.journal.iter_jobs(txn, m.index)]
-            held = set() if deletes else held_deletes(d, txn, m.index, now)
-            for ino in targets:
-                if ino not in held:
-                    n += d.reg.journal.expedite(txn, m.index, ino, now)
+    n = ops.expedite(d.reg, inos, deletes, time.time())
     if d.uploader is not None:
         d.uploader.kick()
     return n
@@ -376,7 +316,7 @@ def journal_length(d: Daemon, inos: list[int] | None = None,
 def held_count(d: Daemon) -> int:
     now = time.time()
     with d.reg.db.begin() as txn:
-        return sum(len(held_deletes(d, txn, m.index, now)) for m in d.reg.mirrors)
+        return sum(len(ops.held_deletes(d.reg, txn, m.index, now)) for m in d.reg.mirrors)
 
 
 def unswept(d: Daemon) -> list[str]:
@@ -457,21 +397,14 @@ async def cmd_backfill(d: Daemon, req: dict[str, Any], progress: Progress) -> An
     (name, idx), = mirror_names(d, req["mirror"])
     rule = next(m for m in d.reg.mirrors if m.index == idx)
     batch = int(req.get("batch", 1000))
-    cursors = d.reg.db.db["cursors"]
-    key = b"backfill:" + name.encode()
     total = 0
-    with d.reg.db.begin() as txn:
-        v = txn.get(key, db=cursors)
-        after = U64.unpack(v)[0] if v else 0
+    after = cursors.get_seq(d.reg.db, ops.backfill_key(name))
     resumed = after > 0
     while True:
-        with d.reg.db.begin(write=True) as txn:
-            queued, last = d.reg.touch_all(txn, rule, time.time(), after, batch)
-            total += queued
-            if last == 0:
-                txn.delete(key, db=cursors)
-                break
-            txn.put(key, U64.pack(last), db=cursors)
+        queued, last = ops.backfill_step(d.reg, rule, time.time(), after, batch)
+        total += queued
+        if last == 0:
+            break
         after = last
         await progress({"queued": total, "ino": last})
         await _throttle(d, name, idx, 2 * batch)

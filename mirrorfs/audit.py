@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 import xxhash
 
-from mirrorfs.cache.db import PEND_UPLOAD, U16, U64, RemoteCopy, get_counter, set_counter
+from mirrorfs.cache import admin_ops as ops
+from mirrorfs.cache.db import PEND_UPLOAD, U16, U64, RemoteCopy, get_counter
 from mirrorfs.errors import MirrorfsError, NotFound, PermanentRemoteError
 
 if TYPE_CHECKING:
@@ -177,16 +178,8 @@ class Auditor:
                 log.info("mirror %s: audit stopped: %s", m.rule.name, exc)
                 return f
             idx = m.rule.index
-            with self.d.db.begin(write=True) as txn:
-                c = self.d.reg.counters
-                prev = get_counter(txn, c, _ctr(idx, "started"))
-                set_counter(txn, c, _ctr(idx, "started"), int(t0))
-                set_counter(txn, c, _ctr(idx, "last"), int(time.time()))
-                set_counter(txn, c, _ctr(idx, "runs"),
-                            get_counter(txn, c, _ctr(idx, "runs")) + 1)
-                set_counter(txn, c, _ctr(idx, "checked"), f.checked)
-                for k in KINDS:
-                    set_counter(txn, c, _ctr(idx, k), f.counts[k])
+            prev = ops.record_audit(self.d.reg, idx, int(t0), int(time.time()), f.checked,
+                                    {k: f.counts[k] for k in KINDS})
             self.last[m.rule.name] = f
             found = {k: v for k, v in f.counts.items() if v}
             log.info("mirror %s: audit%s of %d objects in %.1fs%s (previous %s)", m.rule.name,
@@ -207,10 +200,7 @@ class Auditor:
         n = await m.remote.clean_temps(cutoff, dirs)
         if n:
             f.counts["temps"] += n
-            with self.d.db.begin(write=True) as txn:
-                c = self.d.reg.counters
-                key = _ctr(m.rule.index, "temps_removed")
-                set_counter(txn, c, key, get_counter(txn, c, key) + n)
+            ops.add_counter(self.d.reg, _ctr(m.rule.index, "temps_removed"), n)
             log.info("mirror %s: removed %d temp object(s) of cut transfers", m.rule.name, n)
 
     def _snapshot(self, idx: int) -> dict[bytes, tuple[int, bytes]]:
@@ -381,9 +371,7 @@ class Auditor:
                  os.fsdecode(key))
 
     def _requeue(self, m: MirrorState, ino: int, key: bytes, f: Findings) -> None:
-        with self.d.db.begin(write=True) as txn:
-            self.d.reg.drop_remote(txn, m.rule.index, ino, key)
-            self.d.reg.requeue(txn, ino, m.rule.index)
+        ops.requeue_copy(self.d.reg, m.rule.index, ino, key)
         f.repaired.append(os.fsdecode(key))
 
 

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from mirrorfs.admin import files_for, mirror_names
-from mirrorfs.cache.db import LOCAL_FULL, LOCAL_NONE
+from mirrorfs.cache import admin_ops as ops
+from mirrorfs.cache import content, cursors
+from mirrorfs.cache.db import LOCAL_FULL
 from mirrorfs.config import Config
 from mirrorfs.control import Progress
 from mirrorfs.errors import InvalidKey, MirrorfsError, NotFound, PermanentRemoteError
 from mirrorfs.hashing import file_digest
-from mirrorfs.remotes.base import MAX_FILE_SIZE, Remote
+from mirrorfs.remotes.base import MAX_FILE_SIZE, ObjectMeta, Remote, RemoteStat
 
 if TYPE_CHECKING:
     from mirrorfs.mount import Daemon
@@ -107,10 +109,8 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     remote: Remote = d.remotes[name]
     mcfg = next(m for m in d.cfg.mirrors if m.name == name)
     cursor_key = f"import:{mcfg.identity()}:{prefix}".encode()
-    cursors = d.reg.db.db["cursors"]
-    with d.reg.db.begin() as txn:
-        v = txn.get(cursor_key, db=cursors)
-    cursor = bytes(v).decode() if v else None
+    v = cursors.get(d.reg.db, cursor_key)
+    cursor = v.decode() if v else None
     counts = {"added": 0, "attached": 0, "exists": 0, "blocked": 0, "rejected": 0,
               "dirs": 0, "unreadable": 0}
     #: keys not imported and why: a bad key is that key's problem, never the end of the run
@@ -134,52 +134,50 @@ async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
                 skipped.append({"key": st.key, "reason": str(exc)})
                 log.warning("import from %s: key %r cannot be read from the mirror (%s); "
                             "skipped", name, st.key[:200], exc)
-        with d.reg.db.begin(write=True) as txn:
-            for st in page.entries:
-                if st.key in unreadable:
-                    continue
-                rel = st.key[len(prefix):] if prefix and st.key.startswith(prefix) else st.key
-                marker = safe_key(rel[:-1]) if rel.endswith("/") and st.size == 0 else None
-                if marker is not None:  # an S3 folder marker ("dir/", no bytes): a directory
-                    status = d.reg.ensure_dir(txn, marker)
-                    if status != "exists":
-                        counts["dirs" if status == "added" else "blocked"] += 1
-                    continue
-                path = safe_key(rel)
-                if path is None:
-                    counts["rejected"] += 1
-                    skipped.append({"key": st.key, "reason": "cannot be a path in the mount"})
-                    log.warning("import from %s: key %r cannot be a path in the mount; skipped",
-                                name, st.key)
-                    continue
-                meta = metas.get(st.key) or st.meta
-                digest = bytes.fromhex(meta.xxhash) if meta and meta.xxhash else None
-                if not 0 <= st.size <= MAX_FILE_SIZE:
-                    counts["rejected"] += 1
-                    skipped.append({"key": st.key, "reason": f"listed size {st.size}"})
-                    log.warning("import from %s: %r is listed with size %d; skipped", name,
-                                st.key, st.size)
-                    continue
-                if meta is not None and meta.size != st.size:
-                    log.warning("import from %s: %r says it holds %d bytes but has %d; "
-                                "its hash is not trusted", name, st.key, meta.size, st.size)
-                    digest = None
-                mtime = (meta.mtime_ns if meta and meta.mtime_ns else st.mtime_ns) or \
-                    time.time_ns()
-                # permission bits only: a foreign bucket must not plant setuid/setgid files
-                mode = meta.mode & 0o777 if meta and meta.mode is not None else 0o644
-                status, _node = d.reg.add_remote_file(txn, path, st.size, mtime, mode, digest,
-                                                      idx, os.fsencode(st.key))
+        items = [it for st in page.entries if st.key not in unreadable
+                 and (it := _listed(st, prefix, metas, name, counts, skipped)) is not None]
+        for it, status in zip(items, ops.import_page(d.reg, idx, items, cursor_key,
+                                                     page.cursor), strict=True):
+            if not (it.folder and status == "exists"):  # a directory already there: nothing
                 counts[status] += 1
-            if page.cursor is None:
-                txn.delete(cursor_key, db=cursors)
-            else:
-                txn.put(cursor_key, page.cursor.encode(), db=cursors)
         await progress({k: v for k, v in counts.items() if v})
         if page.cursor is None:
             break
         cursor = page.cursor
     return {**counts, "resumed": resumed, "skipped": skipped}
+
+
+def _listed(st: RemoteStat, prefix: str, metas: dict[str, ObjectMeta | None], name: str,
+            counts: dict[str, int], skipped: list[dict[str, str]]) -> ops.Listed | None:
+    """What to register for one listed object, or None (counted, logged and listed in
+    ``skipped``) if it cannot be a file of the mount."""
+    rel = st.key[len(prefix):] if prefix and st.key.startswith(prefix) else st.key
+    marker = safe_key(rel[:-1]) if rel.endswith("/") and st.size == 0 else None
+    if marker is not None:  # an S3 folder marker ("dir/", no bytes): a directory
+        return ops.Listed(marker, folder=True)
+    path = safe_key(rel)
+    if path is None:
+        counts["rejected"] += 1
+        skipped.append({"key": st.key, "reason": "cannot be a path in the mount"})
+        log.warning("import from %s: key %r cannot be a path in the mount; skipped",
+                    name, st.key)
+        return None
+    meta = metas.get(st.key) or st.meta
+    digest = bytes.fromhex(meta.xxhash) if meta and meta.xxhash else None
+    if not 0 <= st.size <= MAX_FILE_SIZE:
+        counts["rejected"] += 1
+        skipped.append({"key": st.key, "reason": f"listed size {st.size}"})
+        log.warning("import from %s: %r is listed with size %d; skipped", name,
+                    st.key, st.size)
+        return None
+    if meta is not None and meta.size != st.size:
+        log.warning("import from %s: %r says it holds %d bytes but has %d; "
+                    "its hash is not trusted", name, st.key, meta.size, st.size)
+        digest = None
+    mtime = (meta.mtime_ns if meta and meta.mtime_ns else st.mtime_ns) or time.time_ns()
+    # permission bits only: a foreign bucket must not plant setuid/setgid files
+    mode = meta.mode & 0o777 if meta and meta.mode is not None else 0o644
+    return ops.Listed(path, os.fsencode(st.key), st.size, mtime, mode, digest)
 
 
 # ---------------------------------------------------------------- verify
@@ -240,14 +238,8 @@ async def _audit_all(d: Daemon, deep: bool, repair: bool, report: dict[str, Any]
 
 async def _redownload(d: Daemon, ino: int) -> bool:
     """Drop a bad cached copy and fetch it again, if a mirror holds the current version."""
-    with d.reg.db.begin(write=True) as txn:
-        node = d.reg.get_txn(txn, ino)
-        if node is None or d.reg.is_dirty_txn(txn, ino):
-            return False
-        if not any((rc := d.reg.remote_copy(txn, m.index, ino)) is not None
-                   and rc.ver == node.ver for m in d.reg.mirrors):
-            return False
-        d.reg.set_local(txn, node, LOCAL_NONE)
+    if not content.drop_if_mirrored(d.reg, ino):
+        return False
     d.store.remove(ino)
     node = d.reg.get(ino)
     assert node is not None
@@ -299,8 +291,6 @@ async def _verify_remote(d: Daemon, ino: int, path: str, deep: bool, repair: boo
             report["remote_bad"].append(f"{m.name}:{path}: {problem}")
         log.warning("verify: copy of %r on %s: %s", path, m.name, problem)
         if repair:
-            with d.reg.db.begin(write=True) as txn:
-                d.reg.drop_remote(txn, m.index, ino, rc.path)
-                d.reg.requeue(txn, ino, m.index)
+            ops.requeue_copy(d.reg, m.index, ino, rc.path)
             report["repaired"].append(f"{m.name}:{path}")
 

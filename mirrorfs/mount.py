@@ -22,6 +22,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from mirrorfs.cache.admin_ops import fold_deltas
 from mirrorfs.cache.db import Database
 from mirrorfs.cache.recover import recover
 from mirrorfs.cache.registry import MirrorRule, Registry
@@ -238,8 +239,7 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
         stop_server(metrics_server)
         await close_remotes(daemon.remotes)
         if daemon.stats is not None:
-            with db.begin(write=True) as txn:
-                daemon.stats.flush(txn, reg.counters)
+            fold_deltas(reg, daemon.stats)
         ops.close_all()
         pyfuse3.close(unmount=not unmounted or daemon.stopping)
         db.flush()

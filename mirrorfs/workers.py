@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mirrorfs.admin import COMMANDS, file_state, paused_mirrors
+from mirrorfs.admin import COMMANDS, file_state
 from mirrorfs.audit import Auditor
+from mirrorfs.cache.admin_ops import fold_deltas, paused_mirrors
 from mirrorfs.cache.fetch import Fetcher
 from mirrorfs.config import Config, redacted
 from mirrorfs.control import serve_control
@@ -216,8 +217,7 @@ async def flush_stats(daemon: Daemon, stats: RuntimeStats) -> None:
     while True:
         await trio.sleep(1.0)
         if stats.pending():
-            with daemon.db.begin(write=True) as txn:
-                stats.flush(txn, daemon.reg.counters)
+            fold_deltas(daemon.reg, stats)
 
 
 def install_virtual_xattrs(daemon: Daemon) -> None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import trio
 import xxhash
 
+from mirrorfs.cache.content import mark_downloaded
 from mirrorfs.cache.db import F_ORPHAN, LOCAL_FULL, U64, Inode, RemoteCopy
 from mirrorfs.errors import (
     IntegrityError,
@@ -654,26 +655,20 @@ class Fetcher:
             await trio.to_thread.run_sync(os.fsync, dl.fd)
         except OSError as exc:
             raise LocalDiskError(exc, f"fsync of the download of inode {dl.ino}") from None
-        with self.reg.db.begin(write=True) as txn:
-            node = self.reg.get_txn(txn, dl.ino)
-            if (node is None or node.ver != dl.ver or node.local == LOCAL_FULL
-                    or node.flags & F_ORPHAN or self.downloads.get(dl.ino) is not dl):
-                # Deleted, changed or already local meanwhile: these bytes are not wanted
-                # (readers that still hold the unlinked file read on from dl.fd). The
-                # unlink may have removed the .part file already; a newer version's
-                # download may own the name now.
-                if self.downloads.get(dl.ino) is dl:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.store.part_path(dl.ino))
-            else:
-                os.rename(self.store.part_path(dl.ino), self.store.path(dl.ino))
-                self.reg.set_local(txn, node, LOCAL_FULL)
-                if digests is not None and whole is not None:
-                    txn.put(U64.pack(dl.ino), U64.pack(dl.ver) + digests, db=self.reg.chunks)
-                    if node.hash_ver != node.ver:
-                        node.hash = whole
-                        node.hash_ver = node.ver
-                        txn.put(U64.pack(dl.ino), node.pack(), db=self.reg.inodes)
+        def discard() -> None:
+            # Deleted, changed or already local meanwhile: these bytes are not wanted
+            # (readers that still hold the unlinked file read on from dl.fd). The
+            # unlink may have removed the .part file already; a newer version's
+            # download may own the name now.
+            if self.downloads.get(dl.ino) is dl:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.store.part_path(dl.ino))
+
+        def install() -> None:
+            os.rename(self.store.part_path(dl.ino), self.store.path(dl.ino))
+
+        mark_downloaded(self.reg, dl.ino, dl.ver, lambda _n: self.downloads.get(dl.ino) is dl,
+                        install, discard, digests, whole)
         dl.done = True
         dl.notify()
         self.on_complete(dl.ino)

@@ -21,12 +21,11 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 
+from mirrorfs.cache.content import content_missing
 from mirrorfs.cache.db import (
-    F_LOST,
     F_OPEN_WRITE,
     F_ORPHAN,
     LOCAL_FULL,
-    LOCAL_NONE,
     U64,
     Inode,
 )
@@ -108,19 +107,16 @@ def _check_node(reg: Registry, store: Store, node: Inode, path: str | None,
         return
     if size == node.size:
         return
-    with reg.db.begin(write=True) as txn:
-        cur = reg.get_txn(txn, node.ino)
-        if cur is None:
-            return
-        if reg.is_dirty_txn(txn, node.ino) or not reg.mirrors:
-            cur.flags |= F_LOST
-            txn.put(U64.pack(cur.ino), cur.pack(), db=reg.inodes)
-            counts["lost"] += 1
-            log.error("content of %r (inode %d) is missing or truncated in the cache and not "
-                      "on every mirror: flagged LOST", reg.path_txn(txn, cur), cur.ino)
-        else:
-            reg.set_local(txn, cur, LOCAL_NONE)
-            counts["missing"] += 1
-            log.warning("content of %r (inode %d) missing from the cache: now remote-only",
-                        reg.path_txn(txn, cur), cur.ino)
+    outcome = content_missing(reg, node.ino)
+    if outcome is None:
+        return
+    what, where = outcome
+    if what == "lost":
+        counts["lost"] += 1
+        log.error("content of %r (inode %d) is missing or truncated in the cache and not "
+                  "on every mirror: flagged LOST", where, node.ino)
+    else:
+        counts["missing"] += 1
+        log.warning("content of %r (inode %d) missing from the cache: now remote-only",
+                    where, node.ino)
     store.remove(node.ino)
