@@ -410,16 +410,12 @@ class Sync:
         aside = self.records.set_theirs_aside(rec, path, cname)
         if aside is not None:
             # Hold the key so that our own upload cannot overwrite their bytes mid-download.
-            while self.m.busy.get(path, aside.ino) != aside.ino:
-                await trio.sleep(0.1)
-            self.m.busy[path] = aside.ino
-            try:
-                await self.d.fetcher.fetch_all(aside)
-            except (MirrorfsError, OSError) as exc:
-                log.error("conflict on %r: could not fetch the other version (%s); it may be "
-                          "gone from the mirror", os.fsdecode(path), exc)
-            finally:
-                self.m.busy.pop(path, None)
+            async with self.m.busy.holding(path, aside.ino):
+                try:
+                    await self.d.fetcher.fetch_all(aside)
+                except (MirrorfsError, OSError) as exc:
+                    log.error("conflict on %r: could not fetch the other version (%s); it may "
+                              "be gone from the mirror", os.fsdecode(path), exc)
             self.records.theirs_fetched(aside.ino)
         # Our version goes back onto the key (their upload overwrote it).
         self.records.drop_copy(node.ino, path, requeue=True)

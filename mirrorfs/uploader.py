@@ -57,6 +57,7 @@ import lmdb
 import trio
 import xxhash
 
+from mirrorfs.busy import BusyKeys
 from mirrorfs.cache.db import (
     F_ORPHAN,
     LOCAL_FULL,
@@ -126,7 +127,7 @@ class MirrorState:
     up: bool = True
     last_error: str = ""
     in_flight: set[int] = field(default_factory=set)
-    busy: dict[bytes, int] = field(default_factory=dict)
+    busy: BusyKeys = field(default_factory=BusyKeys)
     wake: trio.Event = field(default_factory=trio.Event)
 
 
