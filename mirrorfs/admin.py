@@ -34,10 +34,11 @@ from mirrorfs.cache.db import (
 )
 from mirrorfs.cache.registry import Registry
 from mirrorfs.control import Command, Progress
+from mirrorfs.daemon import live
 from mirrorfs.errors import MirrorfsError
 
 if TYPE_CHECKING:
-    from mirrorfs.mount import Daemon
+    from mirrorfs.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ MIRROR_STAT_NAMES = ("jobs", "failed", "copies", "copy_bytes", "uploads", "uploa
 
 
 # ---------------------------------------------------------------- helpers
+
+
 
 
 def resolve(reg: Registry, path: str) -> Inode:
@@ -258,7 +261,7 @@ async def cmd_evict(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     for node in files_for(d.reg, req.get("paths", [])):
         if node.local != LOCAL_FULL:
             continue
-        if d.space.evict(node.ino, force_pinned=bool(req.get("force"))) is None:
+        if live(d.space, "evict").evict(node.ino, force_pinned=bool(req.get("force"))) is None:
             kept.append(d.reg.path_of(node.ino).decode("utf-8", "backslashreplace"))
         else:
             done += 1
@@ -362,7 +365,7 @@ async def cmd_move(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
         for node in nodes:
             if node.local != LOCAL_FULL:
                 try:
-                    await d.fetcher.fetch_all(node)
+                    await live(d.fetcher, "move").fetch_all(node)
                 except (MirrorfsError, OSError) as exc:
                     path = d.reg.path_of(node.ino).decode("utf-8", "backslashreplace")
                     failed.append({"path": path, "reason": str(exc)})
@@ -383,7 +386,7 @@ async def cmd_move(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
         await trio.sleep(0.2)
     evicted, kept = 0, []
     for ino in inos:
-        if d.space.evict(ino) is not None:
+        if live(d.space, "move").evict(ino) is not None:
             evicted += 1
         else:
             cur = d.reg.get(ino)

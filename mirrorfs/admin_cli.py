@@ -200,7 +200,7 @@ def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
         raise AdminError(f"{exc} but its control socket does not answer", EXIT_BUSY) from None
     db, reg, store, _clean = open_registry(cfg, mark_unclean=False)
     try:
-        d = Daemon(cfg, "", db, reg, store, None)  # type: ignore[arg-type]
+        d = Daemon(cfg, "", db, reg, store, None)
 
         async def progress(p: dict[str, Any]) -> None:
             Progress()(p)

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     import lmdb
 
     from mirrorfs.cache.registry import Registry
-    from mirrorfs.mount import Daemon
+    from mirrorfs.daemon import Daemon
     from mirrorfs.uploader import MirrorState
 
 log = logging.getLogger(__name__)

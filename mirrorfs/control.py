@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
-    from mirrorfs.mount import Daemon
+    from mirrorfs.daemon import Daemon
 
 log = logging.getLogger(__name__)
 

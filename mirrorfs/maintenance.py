@@ -20,12 +20,13 @@ from mirrorfs.cache import content, cursors
 from mirrorfs.cache.db import LOCAL_FULL
 from mirrorfs.config import Config
 from mirrorfs.control import Progress
+from mirrorfs.daemon import live
 from mirrorfs.errors import InvalidKey, MirrorfsError, NotFound, PermanentRemoteError
 from mirrorfs.hashing import file_digest
 from mirrorfs.remotes.base import MAX_FILE_SIZE, ObjectMeta, Remote, RemoteStat
 
 if TYPE_CHECKING:
-    from mirrorfs.mount import Daemon
+    from mirrorfs.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ async def cmd_verify(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     limiter = trio.CapacityLimiter(2)
     for i, node in enumerate(nodes):
         path = d.reg.path_of(node.ino).decode("utf-8", "backslashreplace")
-        if node.local == LOCAL_FULL and not d.ops.is_open(node.ino):
+        if node.local == LOCAL_FULL and not (d.ops is not None and d.ops.is_open(node.ino)):
             digest = await trio.to_thread.run_sync(file_digest, d.store.path(node.ino),
                                                    limiter=limiter)
             if node.hash_ver != node.ver or not node.hash_ver:
@@ -222,9 +223,9 @@ async def _audit_all(d: Daemon, deep: bool, repair: bool, report: dict[str, Any]
                      progress: Progress) -> None:
     """`verify --remote` of the whole mount: the audit of every mirror (audit.py)."""
     for name, _idx in mirror_names(d, None):
-        state = d.uploader.by_name(name)[0]
+        state = live(d.uploader, "verify --remote").by_name(name)[0]
         await progress({"auditing": name})
-        f = await d.auditor.audit(state, deep=deep, repair=repair)
+        f = await live(d.auditor, "verify --remote").audit(state, deep=deep, repair=repair)
         if f.error:
             report.setdefault("remote_unreachable", []).append(f"{name}: {f.error}")
         for kind, out in (("missing", "remote_missing"), ("changed", "remote_bad"),
@@ -244,7 +245,7 @@ async def _redownload(d: Daemon, ino: int) -> bool:
     node = d.reg.get(ino)
     assert node is not None
     try:
-        await d.fetcher.fetch_all(node)
+        await live(d.fetcher, "verify --repair").fetch_all(node)
     except (MirrorfsError, OSError) as exc:  # this file's problem, not the whole run's
         log.error("verify: could not download %r again: %s", d.reg.path_of(ino), exc)
         return False

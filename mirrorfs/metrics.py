@@ -29,7 +29,7 @@ from mirrorfs.config import parse_listen
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from mirrorfs.mount import Daemon
+    from mirrorfs.daemon import Daemon
 
 log = logging.getLogger(__name__)
 

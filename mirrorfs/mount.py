@@ -16,8 +16,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import pyfuse3
 import trio
@@ -28,6 +26,7 @@ from mirrorfs.cache.recover import recover
 from mirrorfs.cache.registry import MirrorRule, Registry
 from mirrorfs.cache.store import Store
 from mirrorfs.config import Config
+from mirrorfs.daemon import Daemon
 from mirrorfs.fs import Operations
 
 log = logging.getLogger(__name__)
@@ -37,28 +36,6 @@ CLEAN_MARKER = "clean-shutdown"
 
 class AlreadyMounted(Exception):
     pass
-
-
-@dataclass
-class Daemon:
-    """Everything a running mount holds; the control socket and tests reach it through here."""
-
-    cfg: Config
-    mountpoint: str
-    db: Database
-    reg: Registry
-    store: Store
-    ops: Operations
-    remotes: dict[str, Any] = field(default_factory=dict)
-    uploader: Any = None
-    fetcher: Any = None
-    space: Any = None
-    stats: Any = None
-    probes: dict[str, Any] = field(default_factory=dict)
-    syncs: list[Any] = field(default_factory=list)
-    auditor: Any = None
-    supervisor: Any = None  # workers.Supervisor: restarts failed tasks, counts restarts
-    stopping: bool = False
 
 
 def lock_cache_dir(cache_dir: str) -> int:
@@ -172,12 +149,13 @@ def sd_notify(state: str) -> None:
 async def flush_loop(db: Database) -> None:
     """Make committed metadata durable on disk within a second (group commit)."""
     last = db.env.info()["last_txnid"]
+    flush_limiter = trio.CapacityLimiter(1)  # one flush at a time; not the default 40
     while True:
         await trio.sleep(1.0)
         txnid = db.env.info()["last_txnid"]
         if txnid != last:
             last = txnid
-            await trio.to_thread.run_sync(db.flush)
+            await trio.to_thread.run_sync(db.flush, limiter=flush_limiter)
 
 
 async def watch_signals(daemon: Daemon) -> None:

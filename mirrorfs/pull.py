@@ -69,14 +69,15 @@ from mirrorfs.changelog import (
     valid_node,
 )
 from mirrorfs.control import Progress
+from mirrorfs.daemon import live
 from mirrorfs.errors import BadRecord, MirrorfsError, NotFound
 from mirrorfs.maintenance import safe_key
 from mirrorfs.remotes.base import ObjectMeta
 
 if TYPE_CHECKING:
     from mirrorfs.config import MirrorConfig
+    from mirrorfs.daemon import Daemon
     from mirrorfs.fs import Operations
-    from mirrorfs.mount import Daemon
     from mirrorfs.uploader import MirrorState
 
 log = logging.getLogger(__name__)
@@ -412,7 +413,7 @@ class Sync:
             # Hold the key so that our own upload cannot overwrite their bytes mid-download.
             async with self.m.busy.holding(path, aside.ino):
                 try:
-                    await self.d.fetcher.fetch_all(aside)
+                    await live(self.d.fetcher, "pull").fetch_all(aside)
                 except (MirrorfsError, OSError) as exc:
                     log.error("conflict on %r: could not fetch the other version (%s); it may "
                               "be gone from the mirror", os.fsdecode(path), exc)

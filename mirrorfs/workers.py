@@ -39,7 +39,7 @@ from mirrorfs.stats import RuntimeStats
 from mirrorfs.uploader import MirrorState, Uploader
 
 if TYPE_CHECKING:
-    from mirrorfs.mount import Daemon
+    from mirrorfs.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ async def flush_stats(daemon: Daemon, stats: RuntimeStats) -> None:
 def install_virtual_xattrs(daemon: Daemon) -> None:
     """``user.mirrorfs.state`` and ``user.mirrorfs.url.<mirror>`` on every regular file."""
     reg, ops = daemon.reg, daemon.ops
+    assert ops is not None  # mounted only
 
     def names(inode: int) -> list[bytes]:
         node = reg.get(inode)
@@ -267,6 +268,7 @@ async def open_and_probe(cfg: Config) -> tuple[dict[str, Remote],
 
 async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
     cfg, reg, store, ops = daemon.cfg, daemon.reg, daemon.store, daemon.ops
+    assert ops is not None  # workers run in a mounted daemon only
     nursery = sup.nursery
     remotes = daemon.remotes
     probes = daemon.probes

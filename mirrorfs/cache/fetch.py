@@ -172,6 +172,12 @@ class Fetcher:
         #: have none, and unmounted there is no kernel)
         self.dropper: PageDropper | None = None
         self._drop_limiter = trio.CapacityLimiter(1)
+        #: threads per resource, so that one kind of work cannot starve another: the per-chunk
+        #: check readers wait on, whole-file hashes (imported objects: long), and writes and
+        #: fsyncs of download files to the cache disk
+        self.chunk_hash_limiter = trio.CapacityLimiter(4)
+        self.whole_hash_limiter = trio.CapacityLimiter(2)
+        self.disk_limiter = trio.CapacityLimiter(8)
 
     # ------------------------------------------------------------ handles
 
@@ -546,7 +552,8 @@ class Fetcher:
                 async with wsend, trio.open_nursery() as nursery:
                     send, recv = trio.open_memory_channel[tuple[int, mmap.mmap, bytes]](
                         PIPELINE_CHUNKS)
-                    nursery.start_soon(_pump, stream, dl, src, start, send, errors)
+                    nursery.start_soon(_pump, stream, dl, src, start, send, errors,
+                                       self.chunk_hash_limiter)
                     try:
                         await self._consume(dl, src, start, recv, wsend, sink)
                     except (MirrorfsError, OSError) as exc:
@@ -631,7 +638,8 @@ class Fetcher:
                 if sink.error is None:
                     try:
                         await trio.to_thread.run_sync(sink.write, buf, c * CHUNK_SIZE,
-                                                      dl.chunk_len(c))
+                                                      dl.chunk_len(c),
+                                                      limiter=self.disk_limiter)
                     except OSError as exc:  # reported once, by _stream_all
                         sink.error = exc
                 dl.unwritten.discard(c)
@@ -644,7 +652,8 @@ class Fetcher:
         """Whole-file check where that is all we have, then fsync, rename, mark local."""
         digests = whole = None
         if dl.expected is None:
-            whole, digests = await trio.to_thread.run_sync(_hash_fd, dl.fd, dl.size)
+            whole, digests = await trio.to_thread.run_sync(
+                _hash_fd, dl.fd, dl.size, limiter=self.whole_hash_limiter)
             if dl.whole is not None and whole != dl.whole:
                 self.stats.bump("verify_failures")
                 log.warning("%s from mirror %s does not match its whole-file xxhash",
@@ -652,7 +661,7 @@ class Fetcher:
                 return False
             self.stats.bump("whole_hash_downloads" if dl.whole else "unverified_downloads")
         try:
-            await trio.to_thread.run_sync(os.fsync, dl.fd)
+            await trio.to_thread.run_sync(os.fsync, dl.fd, limiter=self.disk_limiter)
         except OSError as exc:
             raise LocalDiskError(exc, f"fsync of the download of inode {dl.ino}") from None
         def discard() -> None:
@@ -764,7 +773,7 @@ def _pwrite_all(fd: int, data: memoryview, off: int) -> None:
 
 async def _pump(stream: ReadStream, dl: Download, src: Source, start: int,
                 send: trio.MemorySendChannel[tuple[int, mmap.mmap, bytes]],
-                errors: list[BaseException]) -> None:
+                errors: list[BaseException], hash_limiter: trio.CapacityLimiter) -> None:
     """Receive chunk after chunk into buffers from ``dl.pool`` and hash each one."""
     async with send:
         try:
@@ -777,7 +786,8 @@ async def _pump(stream: ReadStream, dl: Download, src: Source, start: int,
                     if got < n:
                         raise IntegrityError(f"{src.name} ended the object at "
                                              f"{c * CHUNK_SIZE + got} of {dl.size} bytes")
-                    digest = await trio.to_thread.run_sync(chunk_digest, view)
+                    digest = await trio.to_thread.run_sync(chunk_digest, view,
+                                                           limiter=hash_limiter)
                 except BaseException:
                     dl.pool.append(buf)
                     raise
