@@ -1,7 +1,8 @@
 """Admin commands: what they do to a live daemon (through the control socket) or offline.
 
 Owns no state. Each ``cmd_*`` coroutine takes the daemon, the request and a progress callback
-and returns something JSON-serialisable; :data:`COMMANDS` is what the control socket serves.
+and returns something JSON-serialisable; :mod:`mirrorfs.commands` is the table the control
+socket serves.
 Statistics come from counters kept in LMDB with every change, so ``stats`` costs the same on
 a million files as on ten.
 """
@@ -33,9 +34,10 @@ from mirrorfs.cache.db import (
     get_counter,
 )
 from mirrorfs.cache.registry import Registry
-from mirrorfs.control import Command, Progress
+from mirrorfs.control import Progress
 from mirrorfs.daemon import live
 from mirrorfs.errors import MirrorfsError
+from mirrorfs.pull import sync_stats
 
 if TYPE_CHECKING:
     from mirrorfs.daemon import Daemon
@@ -145,7 +147,6 @@ def collect_stats(d: Daemon) -> dict[str, Any]:
             mirrors[m.name] = ms
         out["mirrors"] = mirrors
         out["journal_length"] = journal
-    from mirrorfs.pull import sync_stats
 
     out["pull"] = sync_stats(d)
     # per supervised task: restarts after an unexpected exception (see workers.Supervisor)
@@ -437,11 +438,3 @@ async def cmd_url(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
         remote = d.remotes.get(name)
         out[name] = remote.url(os.fsdecode(d.reg.path_of(node.ino))) if remote else None
     return out
-
-
-COMMANDS: dict[str, Command] = {
-    "stats": cmd_stats, "queue": cmd_queue, "retry": cmd_retry, "pause": cmd_pause,
-    "resume": cmd_resume, "state": cmd_state, "evict": cmd_evict, "pin": cmd_pin,
-    "unpin": cmd_unpin, "drain": cmd_drain, "move": cmd_move, "backfill": cmd_backfill,
-    "url": cmd_url,
-}

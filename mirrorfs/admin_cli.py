@@ -21,8 +21,6 @@ from mirrorfs.errors import ConfigError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
-OFFLINE_OK = {"stats", "queue", "retry", "pin", "unpin", "backfill", "state", "url",
-              "conflicts", "pause", "resume", "problems"}
 
 
 class AdminError(Exception):
@@ -176,8 +174,6 @@ def call(args: argparse.Namespace, cmd: str, **req: Any) -> Any:
     try:
         client = ControlClient(cfg.cache_dir, timeout=None)
     except OSError:
-        if cmd not in OFFLINE_OK:
-            raise AdminError(f"no running mirrorfs for {cfg.path} ({cmd} needs one)") from None
         return call_offline(cfg, cmd, req)
     try:
         return client.call(cmd, on_progress=progress, **req)
@@ -191,8 +187,13 @@ def call(args: argparse.Namespace, cmd: str, **req: Any) -> Any:
 def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
     import trio
 
-    from mirrorfs.admin import COMMANDS
-    from mirrorfs.mount import AlreadyMounted, Daemon, lock_cache_dir, open_registry
+    # (imported here, not at the top: a command sent to a running daemon needs none of it)
+    from mirrorfs.commands import OFFLINE
+    from mirrorfs.daemon import Daemon
+    from mirrorfs.mount import AlreadyMounted, lock_cache_dir, open_registry
+
+    if cmd not in OFFLINE:
+        raise AdminError(f"no running mirrorfs for {cfg.path} ({cmd} needs one)")
 
     try:
         lock = lock_cache_dir(cfg.cache_dir)
@@ -205,10 +206,7 @@ def call_offline(cfg: Config, cmd: str, req: dict[str, Any]) -> Any:
         async def progress(p: dict[str, Any]) -> None:
             Progress()(p)
 
-        from mirrorfs.pull import cmd_conflicts, cmd_problems
-
-        commands = {**COMMANDS, "conflicts": cmd_conflicts, "problems": cmd_problems}
-        return trio.run(commands[cmd], d, req, progress)
+        return trio.run(OFFLINE[cmd], d, req, progress)
     finally:
         db.flush()
         db.close()

@@ -13,7 +13,7 @@ The schema, per record (one JSON object per line, UTF-8):
 ========  ========================================================================
 ``seq``   int, within the object's ``first..last`` range (always)
 ``op``    ``put``, ``rename`` or ``delete`` (always)
-``path``  str: a relative path that :func:`maintenance.safe_key` accepts, not under
+``path``  str: a relative path that :func:`names.safe_key` accepts, not under
           ``.mirrorfs``, at most MAX_PATH bytes (always)
 ``from``  the same rules (``rename`` only, required)
 ``hash``  32 lowercase hex digits, xxh3_128 (required for put and rename; optional, or null,
@@ -38,7 +38,7 @@ import re
 from typing import Any
 
 from mirrorfs.errors import BadRecord
-from mirrorfs.maintenance import safe_key
+from mirrorfs.names import reserved, safe_key
 from mirrorfs.remotes.base import CHUNK_SIZE, MAX_FILE_SIZE
 
 #: most bytes of one change-log object read into memory; bigger ones are quarantined whole
@@ -46,7 +46,6 @@ MAX_LOG_OBJECT = 64 << 20
 #: records per change-log object (the publisher writes batches of at most this many)
 PUBLISH_BATCH = 1000
 MAX_PATH = 4096
-RESERVED = b".mirrorfs"
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 
 _HASH = re.compile(r"[0-9a-f]{32}")
@@ -60,11 +59,6 @@ FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                frozenset({"mode"})),
     "delete": (frozenset({"seq", "op", "path"}), frozenset({"hash"})),
 }
-
-
-def reserved(path: bytes) -> bool:
-    """Paths under the mirrors' reserved prefix never travel as files."""
-    return path == RESERVED or path.startswith(RESERVED + b"/")
 
 
 def valid_node(node: str) -> bool:

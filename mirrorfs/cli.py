@@ -337,7 +337,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     import trio
 
-    from mirrorfs.maintenance import check_config
+    from mirrorfs.probe import check_config
 
     setup_logging("WARNING")
     cfg = _load(args.config)

@@ -1,4 +1,4 @@
-"""Long admin operations that talk to the mirrors: probe, import, verify.
+"""Long admin operations that talk to the mirrors: import, verify.
 
 Owns no state; each runs as a control-socket command in the daemon (``import`` and
 ``verify`` need the remotes) and reports progress. ``import`` is restartable: its cursor is
@@ -18,11 +18,11 @@ from mirrorfs.admin import files_for, mirror_names
 from mirrorfs.cache import admin_ops as ops
 from mirrorfs.cache import content, cursors
 from mirrorfs.cache.db import LOCAL_FULL
-from mirrorfs.config import Config
 from mirrorfs.control import Progress
 from mirrorfs.daemon import live
 from mirrorfs.errors import InvalidKey, MirrorfsError, NotFound, PermanentRemoteError
 from mirrorfs.hashing import file_digest
+from mirrorfs.names import safe_key
 from mirrorfs.remotes.base import MAX_FILE_SIZE, ObjectMeta, Remote, RemoteStat
 
 if TYPE_CHECKING:
@@ -30,78 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT = 15.0
-
-
-# ---------------------------------------------------------------- probes
-
-
-async def probe_one(remote: Remote) -> tuple[str, str, float]:
-    """("ok" | "unreachable" | "error", detail, seconds) for one mirror."""
-    t0 = time.monotonic()
-    try:
-        with trio.fail_after(PROBE_TIMEOUT):
-            await remote.probe()
-    except PermanentRemoteError as exc:
-        return "error", str(exc), time.monotonic() - t0
-    except trio.TooSlowError:
-        return "unreachable", f"no answer in {PROBE_TIMEOUT:.0f}s", time.monotonic() - t0
-    except MirrorfsError as exc:
-        return "unreachable", str(exc), time.monotonic() - t0
-    return "ok", "write, read back and delete worked", time.monotonic() - t0
-
-
-async def probe_all(remotes: dict[str, Remote]) -> dict[str, tuple[str, str, float]]:
-    results: dict[str, tuple[str, str, float]] = {}
-
-    async def one(name: str, r: Remote) -> None:
-        results[name] = await probe_one(r)
-
-    async with trio.open_nursery() as n:
-        for name, r in remotes.items():
-            n.start_soon(one, name, r)
-    return results
-
-
-async def check_config(cfg: Config) -> int:
-    """`mirrorfs check-config`: one line per mirror; 0 all ok, 1 a mirror unreachable (it
-    may come back: `mount` only warns), 2 a mirror that refuses us (no such bucket, access
-    denied: `mount` refuses it as a config error too)."""
-    from mirrorfs.workers import close_remotes, open_remotes
-
-    remotes = open_remotes(cfg)
-    try:
-        results = await probe_all(remotes)
-    finally:
-        await close_remotes(remotes)
-    print(f"{cfg.path}: config is valid; cache_dir {cfg.cache_dir}")
-    for m in cfg.mirrors:
-        status, detail, secs = results[m.name]
-        print(f"mirror {m.name} ({m.type}): {status.upper() if status != 'ok' else 'ok'}: "
-              f"{detail} ({secs:.2f}s)")
-    statuses = {r[0] for r in results.values()}
-    return 2 if "error" in statuses else 1 if "unreachable" in statuses else 0
-
-
 # ---------------------------------------------------------------- import
-
-
-def safe_key(key: str) -> bytes | None:
-    """The mount path for an object key, or None if the key cannot be a path inside the mount.
-
-    Refused: empty keys, absolute keys, NUL, empty, ``.`` or ``..`` components (``a//b``
-    included: mapping it to ``a/b`` could merge two objects), names over 255 bytes, and our
-    own temporary and probe objects.
-    """
-    if not key or "\0" in key or key.startswith("/") or key.endswith("/"):
-        return None
-    raw = os.fsencode(key)
-    parts = raw.split(b"/")
-    if any(p in (b"", b".", b"..") or len(p) > 255 for p in parts):
-        return None
-    if any(p.startswith(b".mirrorfs-") for p in parts):
-        return None
-    return raw
 
 
 async def cmd_import(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:

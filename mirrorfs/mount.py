@@ -212,7 +212,7 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
             nursery.cancel_scope.cancel()
     finally:
         from mirrorfs.metrics import stop_server
-        from mirrorfs.workers import close_remotes
+        from mirrorfs.probe import close_remotes
 
         stop_server(metrics_server)
         await close_remotes(daemon.remotes)

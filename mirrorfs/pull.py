@@ -65,13 +65,12 @@ from mirrorfs.changelog import (
     PUBLISH_BATCH,
     check_range,
     parse_record,
-    reserved,
     valid_node,
 )
 from mirrorfs.control import Progress
 from mirrorfs.daemon import live
 from mirrorfs.errors import BadRecord, MirrorfsError, NotFound
-from mirrorfs.maintenance import safe_key
+from mirrorfs.names import reserved, safe_key
 from mirrorfs.remotes.base import ObjectMeta
 
 if TYPE_CHECKING:

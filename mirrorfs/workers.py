@@ -23,17 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mirrorfs.admin import COMMANDS, file_state
+from mirrorfs.admin import file_state
 from mirrorfs.audit import Auditor
 from mirrorfs.cache.admin_ops import fold_deltas, paused_mirrors
 from mirrorfs.cache.fetch import Fetcher
-from mirrorfs.config import Config, redacted
+from mirrorfs.commands import COMMANDS
+from mirrorfs.config import Config
 from mirrorfs.control import serve_control
 from mirrorfs.errors import ConfigError, FatalError
-from mirrorfs.maintenance import cmd_import, cmd_verify, probe_all
 from mirrorfs.pagecache import PageDropper, session_fd
-from mirrorfs.pull import Sync, cmd_conflicts, cmd_problems, cmd_pull
-from mirrorfs.remotes.base import Remote, make_remote
+from mirrorfs.probe import close_remotes, open_remotes, probe_all
+from mirrorfs.pull import Sync
+from mirrorfs.remotes.base import Remote
 from mirrorfs.space import Space
 from mirrorfs.stats import RuntimeStats
 from mirrorfs.uploader import MirrorState, Uploader
@@ -192,26 +193,6 @@ def health_check(daemon: Daemon) -> None:
         raise FatalError(f"cache directory or registry unusable: {exc}") from exc
 
 
-def open_remotes(cfg: Config) -> dict[str, Remote]:
-    """Construct every remote (no network I/O: that happens in probes and jobs)."""
-    remotes: dict[str, Remote] = {}
-    for m in cfg.mirrors:
-        opts = dict(m.options)
-        opts.setdefault("concurrency", m.concurrency)
-        log.debug("mirror %s (%s): %s", m.name, m.type, redacted(opts))
-        remotes[m.name] = make_remote(m.name, m.type, opts)
-    return remotes
-
-
-async def close_remotes(remotes: dict[str, Remote]) -> None:
-    with trio.CancelScope(shield=True):
-        for r in remotes.values():
-            try:
-                await r.aclose()
-            except Exception:
-                log.exception("closing mirror %s", r.name)
-
-
 async def flush_stats(daemon: Daemon, stats: RuntimeStats) -> None:
     """Fold the in-memory hot-path counters into LMDB once a second."""
     while True:
@@ -313,8 +294,7 @@ async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
             sup.start_soon(f"pull:{mcfg.name}", sync.run)
     for mstate in states:
         sup.start_soon(f"audit:{mstate.rule.name}", auditor.run, mstate)
-    commands = {**COMMANDS, "import": cmd_import, "verify": cmd_verify, "pull": cmd_pull,
-                "conflicts": cmd_conflicts, "problems": cmd_problems}
+    commands = dict(COMMANDS)
     if os.environ.get(TEST_HOOKS_ENV) == "1":
         log.warning("test hooks enabled (%s=1): the test-fail command can break tasks",
                     TEST_HOOKS_ENV)

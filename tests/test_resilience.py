@@ -440,7 +440,7 @@ def test_ftp_sizes_and_times_from_the_server_are_checked() -> None:
 
 def test_reprs_of_config_and_remotes_hold_no_secret(tmp_path: Path) -> None:
     from mirrorfs.config import load_config
-    from mirrorfs.workers import open_remotes
+    from mirrorfs.probe import open_remotes
 
     cfg_path = tmp_path / "c.toml"
     cfg_path.write_text(

@@ -26,6 +26,8 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 
 from mirrorfs.errors import InvalidKey, PermanentRemoteError, RemoteError, RemoteUnavailable
+from mirrorfs.names import PROBE_PREFIX as PROBE_PREFIX  # (re-exported: the remotes use it)
+from mirrorfs.names import TMP_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +299,6 @@ def make_remote(name: str, kind: str, options: dict[str, Any]) -> Remote:
 
 # Keys of path-based mirrors (dir, FTP) and of S3, shared by the remotes.
 
-#: Prefix of upload temp files; never listed, and refused as a key component.
-TMP_PREFIX = ".mirrorfs-tmp-"
 #: This process's mark in the names of its temp files (``tmp_name``): a temp file without
 #: it belongs to a transfer of another process, over since a crash, or of another node.
 PROCESS_TOKEN = secrets.token_hex(4)
@@ -312,8 +312,6 @@ def stale_temp(name: str, mtime: float | None, cutoff: float) -> bool:
     """Whether a temp file ``name`` is the remains of a cut transfer to be removed."""
     return (name.startswith(TMP_PREFIX) and not name.startswith(TMP_PREFIX + PROCESS_TOKEN)
             and (mtime is None or mtime < cutoff))
-#: Prefix of the objects ``probe()`` writes.
-PROBE_PREFIX = ".mirrorfs-probe-"
 
 
 def split_key(key: str) -> list[str]:
