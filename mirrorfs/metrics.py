@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest, write_to_textf
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mirrorfs.admin import collect_stats
 from mirrorfs.config import parse_listen
 
 if TYPE_CHECKING:
@@ -229,8 +230,6 @@ def start_server(daemon: Daemon, listen: str) -> WSGIServer | None:
     import trio
     from prometheus_client import start_http_server
     from prometheus_client.process_collector import ProcessCollector
-
-    from mirrorfs.admin import collect_stats
 
     token = trio.lowlevel.current_trio_token()
 

@@ -28,6 +28,9 @@ from mirrorfs.cache.store import Store
 from mirrorfs.config import Config
 from mirrorfs.daemon import Daemon
 from mirrorfs.fs import Operations
+from mirrorfs.metrics import start_server, stop_server
+from mirrorfs.probe import close_remotes
+from mirrorfs.workers import Supervisor, health_check, open_and_probe, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,6 @@ async def watch_signals(daemon: Daemon) -> None:
 async def serve(cfg: Config, mountpoint: str, options: list[str],
                 ready: Callable[[], None] = lambda: None) -> None:
     """Run the mount until it is unmounted or signalled."""
-    from mirrorfs.workers import Supervisor, health_check, open_and_probe, start_workers
 
     lock_fd = lock_cache_dir(cfg.cache_dir)
     remotes, probes = await open_and_probe(cfg)
@@ -201,8 +203,6 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
             nursery.start_soon(read_ahead_after_init, mountpoint, cfg.read_ahead_kb)
             await start_workers(daemon, sup)
             if cfg.metrics_listen:
-                from mirrorfs.metrics import start_server
-
                 metrics_server = start_server(daemon, cfg.metrics_listen)
             log.info("mirrorfs mounted %s on %s", cfg.cache_dir, mountpoint)
             ready()
@@ -211,9 +211,6 @@ async def serve(cfg: Config, mountpoint: str, options: list[str],
             unmounted = True
             nursery.cancel_scope.cancel()
     finally:
-        from mirrorfs.metrics import stop_server
-        from mirrorfs.probe import close_remotes
-
         stop_server(metrics_server)
         await close_remotes(daemon.remotes)
         if daemon.stats is not None:

@@ -72,6 +72,7 @@ from mirrorfs.cache.db import (
     set_counter,
 )
 from mirrorfs.cache.registry import MirrorRule, Registry
+from mirrorfs.cache.sync import emit
 from mirrorfs.errors import (
     InvalidKey,
     MirrorfsError,
@@ -546,8 +547,6 @@ class Uploader:
               **fields: object) -> None:
         """Tell the other nodes (multi-node mirrors only): a record in the change outbox."""
         if m.publish:
-            from mirrorfs.pull import emit
-
             emit(txn, self.reg.db, m.rule.index, {"op": op, "path": os.fsdecode(path),
                                                   **fields})
 
