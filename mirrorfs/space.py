@@ -52,7 +52,10 @@ META_RESERVE = 8 << 20
 
 class Space:
     def __init__(self, reg: Registry, store: Store, stats: RuntimeStats, *, cache_size: int,
-                 min_free: int, dirty_limit: int) -> None:
+                 min_free: int, dirty_limit: int,
+                 is_busy: Callable[[int], bool] = lambda ino: False,
+                 is_up: Callable[[str], bool] = lambda mirror: True,
+                 can_upload: Callable[[], bool] = lambda: False) -> None:
         self.reg = reg
         self.store = store
         self.stats = stats
@@ -62,9 +65,9 @@ class Space:
         self.lru: OrderedDict[int, None] = OrderedDict()
         self.unsynced = 0  # bytes written through handles since their last commit
         self.downloading = 0  # bytes of downloads in progress (not yet in local_bytes)
-        self.is_busy: Callable[[int], bool] = lambda ino: False
-        self.is_up: Callable[[str], bool] = lambda mirror: True
-        self.can_upload: Callable[[], bool] = lambda: False
+        self.is_busy = is_busy
+        self.is_up = is_up
+        self.can_upload = can_upload
         self.wake = trio.Event()
         self._free = 0
         self._dirty = 0

@@ -134,7 +134,8 @@ class MirrorState:
 
 class Uploader:
     def __init__(self, reg: Registry, store: Store, ops: Operations | None,
-                 mirrors: list[MirrorState], clock: Callable[[], float] = time.time) -> None:
+                 mirrors: list[MirrorState], clock: Callable[[], float] = time.time,
+                 on_done: Callable[[int], None] = lambda ino: None) -> None:
         self.reg = reg
         self.store = store
         self.ops = ops
@@ -144,7 +145,7 @@ class Uploader:
         self.draining = False
         #: our mark in the metadata of every object we write (ObjectMeta.writer)
         self.writer = reg.db.registry_id
-        self.on_done: Callable[[int], None] = lambda ino: None
+        self.on_done = on_done
         self._nursery: trio.Nursery | None = None
         self._scheduled: set[int] = set()  # mirrors whose scheduler ran (see _schedule)
         if ops is not None:
@@ -153,8 +154,9 @@ class Uploader:
     @classmethod
     async def create(cls, reg: Registry, store: Store, ops: Operations | None,
                      mirrors: list[MirrorState], nursery: trio.Nursery,
-                     supervisor: Supervisor | None = None) -> Uploader:
-        self = cls(reg, store, ops, mirrors)
+                     supervisor: Supervisor | None = None,
+                     on_done: Callable[[int], None] = lambda ino: None) -> Uploader:
+        self = cls(reg, store, ops, mirrors, on_done=on_done)
         self._nursery = nursery
         for m in self.mirrors.values():
             if supervisor is not None:  # restarted if it fails (see workers.Supervisor)

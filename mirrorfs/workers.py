@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from mirrorfs.commands import COMMANDS
 from mirrorfs.config import Config
 from mirrorfs.control import serve_control
 from mirrorfs.errors import ConfigError, FatalError
+from mirrorfs.mirrors import MirrorStatus
 from mirrorfs.pagecache import PageDropper, session_fd
 from mirrorfs.probe import close_remotes, open_remotes, probe_all
 from mirrorfs.pull import Sync
@@ -263,26 +264,28 @@ async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
                           if probes[m.name][0] != "ok" else "")
               for m in cfg.mirrors]
 
+    status = MirrorStatus(states)
+    downloads: Mapping[int, object] = {}  # the fetcher's table, once it exists
+
+    def busy(ino: int) -> bool:
+        return ino in ops.open_files or ino in downloads
+
     space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
-                  dirty_limit=cfg.dirty_limit)
+                  dirty_limit=cfg.dirty_limit, is_busy=busy, is_up=status.is_up,
+                  can_upload=status.can_upload)
     auditor = Auditor(daemon)  # before any job runs: it reads the cut uploads' records
     daemon.auditor = auditor
-    uploader = await Uploader.create(reg, store, ops, states, nursery, supervisor=sup)
+    uploader = await Uploader.create(reg, store, ops, states, nursery, supervisor=sup,
+                                     on_done=lambda ino: space.kick())
     daemon.uploader = uploader
-    fetcher = Fetcher(reg, store, remotes, list(cfg.read_order), stats, nursery,
-                      is_up=lambda name: all(m.up for m in uploader.by_name(name)),
-                      space=space)
-    daemon.fetcher = fetcher
     fuse_fd = None if cfg.stream_direct_io else session_fd()
-    if fuse_fd is not None:
-        fetcher.dropper = PageDropper(fuse_fd)
+    fetcher = Fetcher(reg, store, remotes, list(cfg.read_order), stats, nursery,
+                      is_up=status.is_up, space=space, on_complete=space.touch,
+                      dropper=PageDropper(fuse_fd) if fuse_fd is not None else None)
+    downloads = fetcher.downloads
+    daemon.fetcher = fetcher
     daemon.space = space
     ops.fetcher, ops.space, ops.stats = fetcher, space, stats
-    space.is_busy = lambda ino: ino in ops.open_files or ino in fetcher.downloads
-    space.is_up = lambda name: all(m.up for m in uploader.by_name(name))
-    space.can_upload = lambda: any(m.up and not m.paused for m in uploader.mirrors.values())
-    uploader.on_done = lambda ino: space.kick()
-    fetcher.on_complete = space.touch
     install_virtual_xattrs(daemon)
     sup.start_soon("space", space.run)
     daemon.syncs = []

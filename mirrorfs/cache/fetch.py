@@ -153,7 +153,9 @@ class Fetcher:
     def __init__(self, reg: Registry, store: Store, remotes: dict[str, Remote],
                  read_order: list[str], stats: RuntimeStats, nursery: trio.Nursery,
                  is_up: Callable[[str], bool] = lambda name: True,
-                 space: Space | None = None) -> None:
+                 space: Space | None = None,
+                 on_complete: Callable[[int], None] = lambda ino: None,
+                 dropper: PageDropper | None = None) -> None:
         self.reg = reg
         self.store = store
         self.remotes = remotes
@@ -167,10 +169,10 @@ class Fetcher:
         #: newer version of the file starts another one)
         self.handles: dict[int, Download] = {}
         self._next_fh = FH_BASE
-        self.on_complete: Callable[[int], None] = lambda ino: None
+        self.on_complete = on_complete
         #: drops the pages streamed readers left behind; None: keep them (direct I/O opens
         #: have none, and unmounted there is no kernel)
-        self.dropper: PageDropper | None = None
+        self.dropper = dropper
         self._drop_limiter = trio.CapacityLimiter(1)
         #: threads per resource, so that one kind of work cannot starve another: the per-chunk
         #: check readers wait on, whole-file hashes (imported objects: long), and writes and
