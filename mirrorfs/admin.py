@@ -33,6 +33,7 @@ from mirrorfs.cache.db import (
     Inode,
     get_counter,
 )
+from mirrorfs.cache.journal import Signal
 from mirrorfs.cache.registry import Registry
 from mirrorfs.control import Progress
 from mirrorfs.daemon import live
@@ -323,6 +324,24 @@ def held_count(d: Daemon) -> int:
         return sum(len(ops.held_deletes(d.reg, txn, m.index, now)) for m in d.reg.mirrors)
 
 
+#: the longest a waiting command goes without looking again: what no event reports (a mirror
+#: found up again by a probe, a pause lifted) is seen within this
+RECHECK = 1.0
+
+
+async def until_changed(d: Daemon) -> None:
+    """Wait for a change of the journal or of a start-up sweep (or :data:`RECHECK`)."""
+    with trio.move_on_after(RECHECK):
+        async with trio.open_nursery() as n:
+            async def on(signal: Signal) -> None:
+                await signal.wait()
+                n.cancel_scope.cancel()
+
+            n.start_soon(on, d.reg.journal.changed)
+            if d.auditor is not None:
+                n.start_soon(on, d.auditor.swept_changed)
+
+
 def unswept(d: Daemon) -> list[str]:
     """Mirrors that are up and whose start-up clean-up of cut transfers has not run yet."""
     if d.auditor is None or d.uploader is None:
@@ -350,7 +369,11 @@ async def cmd_drain(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
                 await progress({"pending": n})
                 last = trio.current_time()
             expedite_all(d, deletes=deletes)
-            await trio.sleep(0.1)
+            round_at = trio.current_time()
+            await until_changed(d)
+            # at most ten rounds a second: each one reads every job (and every job change
+            # fires the signal)
+            await trio.sleep_until(round_at + 0.1)
     failed = journal_length(d) - journal_length(d, count_failed=False)
     return {"drained": not scope.cancelled_caught, "pending": max(0, left()),
             "failed": failed, "held_deletes": 0 if deletes else held_count(d),
@@ -384,7 +407,7 @@ async def cmd_move(d: Daemon, req: dict[str, Any], progress: Progress) -> Any:
     while (left := journal_length(d, inos, count_failed=False)) > 0:
         await progress({"uploading": left, "total": len(inos)})
         expedite_all(d, inos)
-        await trio.sleep(0.2)
+        await until_changed(d)
     evicted, kept = 0, []
     for ino in inos:
         if live(d.space, "move").evict(ino) is not None:
@@ -427,7 +450,7 @@ async def _throttle(d: Daemon, name: str, idx: int, most: int) -> None:
         with d.reg.db.begin() as txn:
             if get_counter(txn, d.reg.counters, b"m%d.jobs" % idx) < most:
                 return
-        await trio.sleep(0.05)
+        await until_changed(d)
     await trio.sleep(0)
 
 

@@ -50,6 +50,7 @@ import xxhash
 
 from mirrorfs.cache import admin_ops as ops
 from mirrorfs.cache.db import PEND_UPLOAD, U16, U64, RemoteCopy, get_counter
+from mirrorfs.cache.journal import Signal
 from mirrorfs.errors import MirrorfsError, NotFound, PermanentRemoteError
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class Auditor:
         self.last: dict[str, Findings] = {}
         #: mirrors whose start-up clean-up of temp objects is done (drain waits for it)
         self.swept: set[str] = set()
+        self.swept_changed = Signal()  # `drain` waits for the sweeps
         self._running: dict[str, trio.Lock] = {}
         #: per mirror, the directories uploads were writing to when the last run stopped
         #: (the ``pending`` upload records, read before any job runs): the only places a
@@ -142,11 +144,13 @@ class Auditor:
                 except PermanentRemoteError as exc:  # e.g. not allowed to list uploads
                     log.info("mirror %s: cannot clean up temp objects: %s", m.rule.name, exc)
                     self.swept.add(m.rule.name)
+                    self.swept_changed.fire()
                 except MirrorfsError as exc:
                     log.info("mirror %s: clean-up of temp objects failed: %s", m.rule.name,
                              exc)
                 else:
                     self.swept.add(m.rule.name)
+                    self.swept_changed.fire()
                     break
             await trio.sleep(1.0)
         if interval <= 0:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import lmdb
+import trio
 
 from mirrorfs.cache.db import (
     JOB_CLAIMED,
@@ -37,9 +38,28 @@ def _ctr(mirror: int, name: str) -> bytes:
     return b"m%d.%s" % (mirror, name.encode())
 
 
+class Signal:
+    """Wakes every task waiting for the next change: an Event renewed at each :meth:`fire`.
+    Firing inside a transaction is safe: a woken task runs only after the firing one
+    yields, and no transaction spans a yield."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 class Journal:
     def __init__(self, db: Database) -> None:
         self.db = db
+        #: fired at every change of a job (new, pushed back, claimed, done, failed, put back):
+        #: `drain`, `move` and the backfill throttle wait on it instead of polling the journal
+        self.changed = Signal()
         self.jobs = db.db["jobs"]
         self.queue = db.db["queue"]
         self.counters = db.db["counters"]
@@ -50,6 +70,7 @@ class Journal:
 
     def _put(self, txn: lmdb.Transaction, mirror: int, ino: int, job: Job) -> None:
         txn.put(MQ.pack(mirror, ino), job.pack(), db=self.jobs)
+        self.changed.fire()
 
     def touch(self, txn: lmdb.Transaction, mirror: int, ino: int, due: float) -> None:
         """Record that (mirror, ino) changed; the job runs at ``due`` at the earliest.
@@ -198,6 +219,7 @@ class Journal:
             bump_counter(txn, self.counters, _ctr(mirror, "failed"), -1)
         txn.delete(MQ.pack(mirror, ino), db=self.jobs)
         bump_counter(txn, self.counters, _ctr(mirror, "jobs"), -1)
+        self.changed.fire()
 
     def iter_jobs(self, txn: lmdb.Transaction, mirror: int) -> Iterator[tuple[int, Job]]:
         cur = txn.cursor(db=self.jobs)
