@@ -43,8 +43,9 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyfuse3
 import trio
@@ -68,12 +69,13 @@ from mirrorfs.changelog import (
     valid_node,
 )
 from mirrorfs.control import Progress
-from mirrorfs.daemon import live
 from mirrorfs.errors import BadRecord, MirrorfsError, NotFound
 from mirrorfs.names import reserved, safe_key
 from mirrorfs.remotes.base import ObjectMeta
 
 if TYPE_CHECKING:
+    from mirrorfs.cache.registry import Registry
+    from mirrorfs.cache.store import Store
     from mirrorfs.config import MirrorConfig
     from mirrorfs.daemon import Daemon
     from mirrorfs.fs import Operations
@@ -133,24 +135,41 @@ class SyncState:
     wake: trio.Event = field(default_factory=trio.Event)
 
 
-class Sync:
-    """Publisher and puller for one mirror."""
+class Fetching(Protocol):
+    """What pull needs of the fetcher: a whole remote-only file made local."""
 
-    def __init__(self, d: Daemon, mcfg: MirrorConfig, mstate: MirrorState) -> None:
-        self.d = d
+    async def fetch_all(self, node: Inode) -> None: ...
+
+
+class Sync:
+    """Publisher and puller for one mirror.
+
+    Constructed with what it uses: the registry and content store, the mount's open files
+    (``ops``; None offline: no kernel to tell, no handle to detach), the fetcher (for the
+    other node's version in a conflict we win), ``kick`` (the uploader: records applied here
+    may have queued jobs) and this node's id."""
+
+    def __init__(self, reg: Registry, store: Store, ops: Operations | None, fetcher: Fetching,
+                 kick: Callable[[], None], node_id: str, mcfg: MirrorConfig,
+                 mstate: MirrorState) -> None:
+        self.reg = reg
+        self.store = store
+        self.ops = ops
+        self.fetcher = fetcher
+        self.kick = kick
         self.cfg = mcfg
         self.m = mstate
         self.idx = mstate.rule.index
         self.remote = mstate.remote
-        self.node = d.cfg.node_id
+        self.node = node_id
         self.identity = mcfg.identity()
         self.state = SyncState()
         self.lock = trio.Lock()
         #: node -> seq of its record that waits (see _Later), logged once, not every round
         self.waits: dict[str, int] = {}
         self._stale: list[int] = []  # inodes whose cached pages the kernel must drop
-        handles: Handles = NoHandles() if d.ops is None else _OpenFiles(d.ops)
-        self.records = SyncRecords(d.reg, self.idx, self.identity, handles)
+        handles: Handles = NoHandles() if ops is None else _OpenFiles(ops)
+        self.records = SyncRecords(reg, self.idx, self.identity, handles)
 
     # ------------------------------------------------------------ loop
 
@@ -319,16 +338,12 @@ class Sync:
         elif op == "rename":
             await self._apply_rename(rec, os.fsencode(rec["from"]), path, node)
         await self._flush_invalidations()
-        self._kick()
-
-    def _kick(self) -> None:
-        if self.d.uploader is not None:
-            self.d.uploader.kick()
+        self.kick()
 
     def _invalidate(self, node: Inode, content: bool) -> None:
         """Drop the kernel's cached entry of ``node`` now, and with ``content`` its cached
         attributes and pages at the next :meth:`_flush_invalidations`."""
-        if self.d.ops is None:
+        if self.ops is None:
             return  # not mounted (offline): the kernel caches nothing
         if content:
             self._stale.append(node.ino)
@@ -376,9 +391,9 @@ class Sync:
         no longer the inode's content goes (readers keep the old file, new opens get the new
         one), and the kernel drops what it caches."""
         for ino in out.dropped:
-            if self.d.ops is not None:
-                self.d.ops.detach(ino)
-            self.d.store.remove(ino)
+            if self.ops is not None:
+                self.ops.detach(ino)
+            self.store.remove(ino)
         for node, content in out.invalidate:
             self._invalidate(node, content)
 
@@ -412,7 +427,7 @@ class Sync:
             # Hold the key so that our own upload cannot overwrite their bytes mid-download.
             async with self.m.busy.holding(path, aside.ino):
                 try:
-                    await live(self.d.fetcher, "pull").fetch_all(aside)
+                    await self.fetcher.fetch_all(aside)
                 except (MirrorfsError, OSError) as exc:
                     log.error("conflict on %r: could not fetch the other version (%s); it may "
                               "be gone from the mirror", os.fsdecode(path), exc)
@@ -423,7 +438,7 @@ class Sync:
     def _move_ours_aside(self, rec: dict[str, Any], path: bytes, cname: bytes,
                          node: Inode) -> None:
         """They win: our version moves to the conflict name; theirs takes the path."""
-        reg = self.d.reg
+        reg = self.reg
         parent, name = self.records.forget_shared(node.ino, path)
         cbase = cname.rpartition(b"/")[2]
         try:
@@ -438,7 +453,7 @@ class Sync:
             self._invalidate(made, False)
 
     def _apply_delete(self, rec: dict[str, Any], path: bytes, other: str) -> None:
-        reg, r = self.d.reg, self.records
+        reg, r = self.reg, self.records
         with reg.db.begin() as txn:
             node = r.lookup(txn, path)
             if node is None or not stat.S_ISREG(node.mode):
@@ -457,12 +472,12 @@ class Sync:
         r.drop_copy(node.ino, path, requeue=False)  # already gone there
         deleted, may_go = reg.unlink(*entry, want_dir=False)  # (one name of a linked file)
         if may_go:
-            self.d.store.remove(deleted.ino)
+            self.store.remove(deleted.ino)
         self._invalidate(node, False)
 
     async def _apply_rename(self, rec: dict[str, Any], src: bytes, dst: bytes,
                             other: str) -> None:
-        reg, r = self.d.reg, self.records
+        reg, r = self.reg, self.records
         with reg.db.begin() as txn:
             node = r.lookup(txn, src)
             ok = node is not None and stat.S_ISREG(node.mode)
@@ -485,16 +500,16 @@ class Sync:
         _moved, replaced, gone = reg.rename(*entry, parent,
                                             dst.rpartition(b"/")[2], 0)
         if replaced is not None and gone and stat.S_ISREG(replaced.mode):
-            self.d.store.remove(replaced.ino)
+            self.store.remove(replaced.ino)
         self._invalidate(node, False)
         self._rmdirs(src.rpartition(b"/")[0])
 
     def _mkdirs(self, dirpath: bytes) -> int | None:
         ino = ROOT_INO
         for part in [p for p in dirpath.split(b"/") if p]:
-            child = self.d.reg.lookup(ino, part)
+            child = self.reg.lookup(ino, part)
             if child is None:
-                child = self.d.reg.mknode(ino, part, stat.S_IFDIR | 0o755, 0, 0)
+                child = self.reg.mknode(ino, part, stat.S_IFDIR | 0o755, 0, 0)
             elif not stat.S_ISDIR(child.mode):
                 return None
             ino = child.ino
@@ -503,13 +518,13 @@ class Sync:
     def _rmdirs(self, dirpath: bytes) -> None:
         """Remove directories a rename emptied, deepest first (best effort)."""
         while dirpath:
-            with self.d.reg.db.begin() as txn:
+            with self.reg.db.begin() as txn:
                 node = self.records.lookup(txn, dirpath)
                 if node is None or not stat.S_ISDIR(node.mode) or \
-                        next(self.d.reg.children_txn(txn, node.ino), None) is not None:
+                        next(self.reg.children_txn(txn, node.ino), None) is not None:
                     return
             try:
-                self.d.reg.unlink(node.parent, node.name, want_dir=True)
+                self.reg.unlink(node.parent, node.name, want_dir=True)
             except OSError:
                 return
             self._invalidate(node, False)

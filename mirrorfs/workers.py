@@ -292,7 +292,7 @@ async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
     for mcfg, mstate in zip(cfg.mirrors, states, strict=True):
         if mcfg.pull:
             mstate.publish = True
-            sync = Sync(daemon, mcfg, mstate)
+            sync = Sync(reg, store, ops, fetcher, uploader.kick, cfg.node_id, mcfg, mstate)
             daemon.syncs.append(sync)
             sup.start_soon(f"pull:{mcfg.name}", sync.run)
     for mstate in states:
