@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     import lmdb
 
     from mirrorfs.cache.registry import Registry
-    from mirrorfs.daemon import Daemon
+    from mirrorfs.config import MirrorConfig
     from mirrorfs.uploader import MirrorState
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,22 @@ def _ctr(idx: int, name: str) -> bytes:
 
 
 class Auditor:
-    """The audits of every mirror of a running mount."""
+    """The audits of every mirror of a running mount.
 
-    def __init__(self, d: Daemon) -> None:
-        self.d = d
+    Constructed with what it uses: the registry, the mirrors' config, and ``kick`` (wake the
+    upload schedulers: an audit that repairs queues jobs). Built before any job runs: it
+    reads the cut uploads' records."""
+
+    def __init__(self, reg: Registry, mirrors: Sequence[MirrorConfig],
+                 kick: Callable[[], None]) -> None:
+        self.reg = reg
+        self.db = reg.db
+        self.mirrors = mirrors
+        self.kick = kick
+        #: our mark on the objects we write (as the uploader's ObjectMeta.writer)
+        self.writer = reg.db.registry_id
+        #: deep audits hash what they read one object at a time (paced), in one thread
+        self.hash_limiter = trio.CapacityLimiter(1)
         self.started = time.time()
         self.last: dict[str, Findings] = {}
         #: mirrors whose start-up clean-up of temp objects is done (drain waits for it)
@@ -116,13 +129,13 @@ class Auditor:
         #: per mirror, the directories uploads were writing to when the last run stopped
         #: (the ``pending`` upload records, read before any job runs): the only places a
         #: crash can have left temp files since the last full audit
-        self.cut_dirs = {r.index: self._upload_dirs(r.index) for r in d.reg.mirrors}
+        self.cut_dirs = {r.index: self._upload_dirs(r.index) for r in reg.mirrors}
 
     def _upload_dirs(self, idx: int) -> list[str]:
         dirs = set()
         prefix = U16.pack(idx)
-        with self.d.db.begin() as txn:
-            cur = txn.cursor(db=self.d.db.db["pending"])
+        with self.db.begin() as txn:
+            cur = txn.cursor(db=self.db.db["pending"])
             if cur.set_range(prefix):
                 for k, v in cur:
                     if k[:2] != prefix:
@@ -135,7 +148,7 @@ class Auditor:
 
     async def run(self, m: MirrorState) -> None:
         """Per mirror: clean up cut transfers at start, then audit every ``audit_interval``."""
-        cfg = next(c for c in self.d.cfg.mirrors if c.name == m.rule.name)
+        cfg = next(c for c in self.mirrors if c.name == m.rule.name)
         interval = cfg.audit_interval
         while m.rule.name not in self.swept:
             if m.up:
@@ -156,8 +169,8 @@ class Auditor:
         if interval <= 0:
             return
         while True:
-            with self.d.db.begin() as txn:
-                last = get_counter(txn, self.d.reg.counters, _ctr(m.rule.index, "last"))
+            with self.db.begin() as txn:
+                last = get_counter(txn, self.reg.counters, _ctr(m.rule.index, "last"))
             wait = last + interval - time.time()
             if wait > 0:
                 await trio.sleep(wait)
@@ -182,7 +195,7 @@ class Auditor:
                 log.info("mirror %s: audit stopped: %s", m.rule.name, exc)
                 return f
             idx = m.rule.index
-            prev = ops.record_audit(self.d.reg, idx, int(t0), int(time.time()), f.checked,
+            prev = ops.record_audit(self.reg, idx, int(t0), int(time.time()), f.checked,
                                     {k: f.counts[k] for k in KINDS})
             self.last[m.rule.name] = f
             found = {k: v for k, v in f.counts.items() if v}
@@ -191,26 +204,25 @@ class Auditor:
                      f": {found}" if found else ": all as recorded",
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(prev)) if prev
                      else "never")
-            if repair and self.d.uploader is not None and (f.counts["missing"]
-                                                           or f.counts["changed"]):
-                self.d.uploader.kick()
+            if repair and (f.counts["missing"] or f.counts["changed"]):
+                self.kick()
             return f
 
     async def clean_temps(self, m: MirrorState, f: Findings,
                           dirs: list[str] | None = None) -> None:
         """Remove what cut transfers left: in ``dirs`` (at start-up), else everywhere."""
-        cfg = next(c for c in self.d.cfg.mirrors if c.name == m.rule.name)
+        cfg = next(c for c in self.mirrors if c.name == m.rule.name)
         cutoff = time.time() - TEMP_MAX_AGE if cfg.pull else self.started
         n = await m.remote.clean_temps(cutoff, dirs)
         if n:
             f.counts["temps"] += n
-            ops.add_counter(self.d.reg, _ctr(m.rule.index, "temps_removed"), n)
+            ops.add_counter(self.reg, _ctr(m.rule.index, "temps_removed"), n)
             log.info("mirror %s: removed %d temp object(s) of cut transfers", m.rule.name, n)
 
     def _snapshot(self, idx: int) -> dict[bytes, tuple[int, bytes]]:
         """Key -> (owner, packed record) of everything the registry says the mirror holds."""
         out: dict[bytes, tuple[int, bytes]] = {}
-        reg = self.d.reg
+        reg = self.reg
         prefix = U16.pack(idx)
         with reg.db.begin() as txn:
             cur = txn.cursor(db=reg.db.db["rpath"])
@@ -225,7 +237,7 @@ class Auditor:
 
     def _pending_keys(self, idx: int) -> set[bytes]:
         """Keys some job has an unfinished step on (an upload in flight or cut)."""
-        reg = self.d.reg
+        reg = self.reg
         prefix = U16.pack(idx)
         keys = set()
         with reg.db.begin() as txn:
@@ -241,21 +253,21 @@ class Auditor:
         """The snapshot's record of ``key`` still holds and no job is touching it."""
         if key in m.busy or ino in m.in_flight:
             return False
-        with self.d.db.begin() as txn:
-            if self.d.reg.rpath_owner(txn, m.rule.index, key) != ino:
+        with self.db.begin() as txn:
+            if self.reg.rpath_owner(txn, m.rule.index, key) != ino:
                 return False
-            rc = self.d.reg.remote_copy(txn, m.rule.index, ino, key)
+            rc = self.reg.remote_copy(txn, m.rule.index, ino, key)
             return rc is not None and rc.pack() == packed
 
     async def _audit(self, m: MirrorState, f: Findings, deep: bool, repair: bool) -> None:
         idx = m.rule.index
         await self.clean_temps(m, f)
-        cfg = next(c for c in self.d.cfg.mirrors if c.name == m.rule.name)
+        cfg = next(c for c in self.mirrors if c.name == m.rule.name)
         # On a multi-node mirror another node's change shows as a missing or changed object
         # until the pull applies it: re-uploading ours would undo it. Reported only there.
         heal = repair and not cfg.pull
-        with self.d.db.begin() as txn:
-            since = float(get_counter(txn, self.d.reg.counters, _ctr(idx, "started")))
+        with self.db.begin() as txn:
+            since = float(get_counter(txn, self.reg.counters, _ctr(idx, "started")))
         since -= CLOCK_SLACK
         snap = self._snapshot(idx)
         seen: set[bytes] = set()
@@ -329,7 +341,7 @@ class Auditor:
 
     async def _hash_object(self, m: MirrorState, key: bytes) -> bytes | None:
         h = xxhash.xxh3_128()
-        limiter = self.d.uploader.hash_limiter if self.d.uploader is not None else None
+        limiter = self.hash_limiter
         try:
             async with m.remote.open_read(os.fsdecode(key)) as stream:
                 while data := await stream.read():
@@ -346,14 +358,14 @@ class Auditor:
             meta = (await m.remote.stat(os.fsdecode(key))).meta
         except NotFound:
             return
-        writer = self.d.uploader.writer if self.d.uploader is not None else None
+        writer = self.writer
         if meta is None or not writer or meta.writer != writer:
             f.add("foreign", os.fsdecode(key))
             log.info("mirror %s: %r is not ours (foreign); left alone", m.rule.name,
                      os.fsdecode(key))
             return
-        with self.d.db.begin() as txn:
-            if self.d.reg.rpath_owner(txn, m.rule.index, key) is not None:
+        with self.db.begin() as txn:
+            if self.reg.rpath_owner(txn, m.rule.index, key) is not None:
                 return  # recorded since the listing
         if key in m.busy or key in self._pending_keys(m.rule.index):
             return
@@ -375,7 +387,7 @@ class Auditor:
                  os.fsdecode(key))
 
     def _requeue(self, m: MirrorState, ino: int, key: bytes, f: Findings) -> None:
-        ops.requeue_copy(self.d.reg, m.rule.index, ino, key)
+        ops.requeue_copy(self.reg, m.rule.index, ino, key)
         f.repaired.append(os.fsdecode(key))
 
 

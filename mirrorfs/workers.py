@@ -273,7 +273,12 @@ async def start_workers(daemon: Daemon, sup: Supervisor) -> None:
     space = Space(reg, store, stats, cache_size=cfg.cache_size, min_free=cfg.min_free,
                   dirty_limit=cfg.dirty_limit, is_busy=busy, is_up=status.is_up,
                   can_upload=status.can_upload)
-    auditor = Auditor(daemon)  # before any job runs: it reads the cut uploads' records
+    def kick_uploads() -> None:  # (Uploader.kick: the auditor is made before the uploader)
+        for m in states:
+            m.wake.set()
+
+    # before any job runs: it reads the cut uploads' records
+    auditor = Auditor(reg, cfg.mirrors, kick_uploads)
     daemon.auditor = auditor
     uploader = await Uploader.create(reg, store, ops, states, nursery, supervisor=sup,
                                      on_done=lambda ino: space.kick())
