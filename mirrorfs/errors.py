@@ -58,8 +58,15 @@ class RemoteUnavailable(RemoteError):
     """The mirror does not answer at all (connection refused, timeout)."""
 
 
+class MirrorGone(RemoteUnavailable):
+    """The mirror's container (an S3 bucket) does not exist. At mount time or in check-config
+    that is a configuration error; once mounted it is a mirror that went away (deleted,
+    being recreated, a provider's outage): its queue waits and resumes when it is back,
+    instead of marking every file that meets it as failed."""
+
+
 class PermanentRemoteError(MirrorfsError):
-    """A failure that retrying will not fix (access denied, bucket missing)."""
+    """A failure that retrying will not fix (access denied, a name the mirror cannot store)."""
 
 
 class InvalidKey(PermanentRemoteError):

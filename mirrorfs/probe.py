@@ -14,7 +14,7 @@ import time
 import trio
 
 from mirrorfs.config import Config, redacted
-from mirrorfs.errors import MirrorfsError, PermanentRemoteError
+from mirrorfs.errors import MirrorfsError, MirrorGone, PermanentRemoteError
 from mirrorfs.remotes.base import Remote, make_remote
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ async def probe_one(remote: Remote) -> tuple[str, str, float]:
     try:
         with trio.fail_after(PROBE_TIMEOUT):
             await remote.probe()
-    except PermanentRemoteError as exc:
+    except (PermanentRemoteError, MirrorGone) as exc:  # a wrong name in the config
         return "error", str(exc), time.monotonic() - t0
     except trio.TooSlowError:
         return "unreachable", f"no answer in {PROBE_TIMEOUT:.0f}s", time.monotonic() - t0

@@ -34,7 +34,7 @@ from mirrorfs.changelog import parse_record
 from mirrorfs.control import ControlClient
 from mirrorfs.errors import BadRecord
 from tests.mountutil import REPO, Mount, drop_page_cache, small_tmpfs
-from tests.test_mirrors import CLI, admin, drain
+from tests.test_mirrors import CLI, admin, drain, s3_objects
 from tests.test_multinode import node, read_or_none
 
 MiB = 1 << 20
@@ -497,3 +497,30 @@ def test_supervisor_backoff_readiness_and_fatal_errors() -> None:
     with pytest.raises(BaseExceptionGroup) as info:
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert info.group_contains(FatalError)
+
+
+# ---------------------------------------------------------------------- a bucket that vanishes
+
+
+def test_a_vanished_bucket_is_a_mirror_down_and_its_queue_resumes(make_mount: Any,
+                                                                  s3: Any) -> None:
+    """A bucket deleted under a running mount (and recreated later: a provider outage, a
+    migration, an operator's mistake) is a mirror that went away, not a property of each file:
+    the files that meet it wait in the queue and reach the bucket once it is back, with no
+    `retry`. (It used to mark each of them failed, with an ERROR per file, until someone ran
+    `mirrorfs retry`.) At mount time a missing bucket stays a configuration error
+    (tests/test_admin.py)."""
+    m = make_mount({"s3": {"type": "s3", **s3.options()}}, upload_delay=0)
+    m.expect_log(r"mirror s3 is unreachable \(.*does not exist\); its queue waits")
+    c = s3.client()
+    for key in s3_objects(s3):
+        c.delete_object(Bucket=s3.bucket, Key=key)
+    c.delete_bucket(Bucket=s3.bucket)
+    files = {f"f{i}.bin": os.urandom(1000 + i) for i in range(3)}
+    for name, data in files.items():
+        (m.path / name).write_bytes(data)
+    m.wait_for(lambda: admin(m, "stats")["mirrors"]["s3"]["up"] is False, timeout=60)
+    c.create_bucket(Bucket=s3.bucket)
+    r = admin(m, "drain", "--timeout", "120")
+    assert r["drained"] and r["failed"] == 0, r
+    assert s3_objects(s3) == files

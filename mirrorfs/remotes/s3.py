@@ -34,6 +34,7 @@ from mirrorfs.config import mirror_defaults
 from mirrorfs.errors import (
     InvalidKey,
     MirrorfsError,
+    MirrorGone,
     NotFound,
     PermanentRemoteError,
     RemoteChanged,
@@ -248,7 +249,7 @@ class S3Remote(Remote):
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
             text = f"{where}: {code or status} {err.get('Message') or ''}".rstrip()
             if code == "NoSuchBucket":
-                return PermanentRemoteError(f"{where}: bucket {self.bucket!r} does not exist")
+                return MirrorGone(f"{where}: bucket {self.bucket!r} does not exist")
             if code in _NOT_FOUND_CODES or status == 404:
                 return NotFound(text)
             if code in _AUTH_CODES or status in (401, 403):
