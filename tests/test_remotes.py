@@ -23,11 +23,13 @@ import xxhash
 from mirrorfs.config import mirror_defaults
 from mirrorfs.errors import (
     InvalidKey,
+    MirrorGone,
     NotFound,
     PermanentRemoteError,
     RemoteError,
     RemoteUnavailable,
 )
+from mirrorfs.probe import probe_one
 from mirrorfs.remotes.base import TMP_PREFIX, ObjectMeta, Remote
 from mirrorfs.remotes.dir import DirRemote
 from mirrorfs.remotes.ftp import FtpRemote
@@ -525,10 +527,12 @@ def test_remote_defaults_are_the_config_defaults() -> None:
         ftp_defaults[k] for k in ("password", "user", "port", "connections", "timeout"))
 
 
-def test_s3_missing_bucket_is_permanent(moto: MotoS3) -> None:
+def test_s3_missing_bucket_is_a_mirror_gone(moto: MotoS3) -> None:
+    """The probe's caller tells a config error (at mount) from a mirror that went away."""
     async def body(r: Remote) -> None:
-        with pytest.raises(PermanentRemoteError, match="does not exist"):
+        with pytest.raises(MirrorGone, match="does not exist"):
             await r.probe()
+        assert (await probe_one(r))[0] == "error"
 
     run(lambda **o: S3Remote("s3m", moto.options(bucket="no-such-bucket")), body)
 
