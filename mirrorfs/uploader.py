@@ -73,7 +73,7 @@ from mirrorfs.errors import (
     RemoteError,
     RemoteUnavailable,
 )
-from mirrorfs.hashing import hash_file
+from mirrorfs.hashing import read_and_hash
 from mirrorfs.remotes.base import ObjectMeta, Remote
 from mirrorfs.seams import crash_point
 
@@ -480,6 +480,14 @@ class Uploader:
         if deleted:
             await m.remote.delete(remote_key(rc.path))
         uploads.record_delete(self.reg, m.rule.index, ino, rc, deleted, m.publish)
+    def _source_gone(self, m: MirrorState, node: Inode, path: bytes) -> None:
+        """The content file vanished under the upload. If the file was unlinked, replaced or
+        rewritten since the job read it (the unlink removed the content file), that is no
+        failure: the job runs again at once on what the file is now. Otherwise the caller's
+        error stands (a content file missing for a file that still wants it)."""
+        if uploads.source_changed(self.reg, m.rule, node, path):
+            raise Defer("the file changed or went away before its upload", 0.0)
+
     async def _upload(self, m: MirrorState, node: Inode, path: bytes,
                       old: RemoteCopy | None) -> None:
         """Upload the cache file to ``path``; ``old``: what the mirror held at ``path``. A key
@@ -498,16 +506,29 @@ class Uploader:
         gen = of.write_gen if of is not None else 0
         src = self.store.path(ino)
         idx = m.rule.index
+        t0 = trio.current_time()
+        try:
+            # one read for both: a small file's bytes come back with its hashes
+            whole, chunks, size, data = await trio.to_thread.run_sync(
+                read_and_hash, src, m.remote.inline_put_limit, limiter=self.hash_limiter)
+        except FileNotFoundError:
+            self._source_gone(m, node, path)
+            raise
+        meta = ObjectMeta(size=size, xxhash=whole, mtime_ns=node.mtime_ns,
+                          mode=node.mode & 0o7777, writer=self.writer)
         # say so before writing it: if the key is not ours yet, a crash must not leave
         # it owned by nothing; and a crash may leave a temp file in its directory
         uploads.start_upload(self.reg, idx, ino, path)
-        t0 = trio.current_time()
-        whole, chunks, size = await trio.to_thread.run_sync(hash_file, src,
-                                                           limiter=self.hash_limiter)
-        meta = ObjectMeta(size=size, xxhash=whole, mtime_ns=node.mtime_ns,
-                          mode=node.mode & 0o7777, writer=self.writer)
         t1 = trio.current_time()
-        res = await m.remote.put(remote_key(path), src, meta)
+        if data is not None:
+            res = await m.remote.put_data(remote_key(path), data, meta)
+        else:
+            try:
+                res = await m.remote.put(remote_key(path), src, meta)
+            except FileNotFoundError:
+                # (its pending record stays: the next run removes what may have been sent)
+                self._source_gone(m, node, path)
+                raise
         crash_point("put-done")
         log.debug("mirror %s: uploaded %r (%d bytes): hashed in %.2f s, sent in %.2f s",
                   m.rule.name, path, size, t1 - t0, trio.current_time() - t1)

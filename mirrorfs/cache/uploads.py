@@ -236,12 +236,6 @@ def start_upload(reg: Registry, mirror: int, ino: int, key: bytes,
         reg.set_pending(txn, mirror, ino, key, PEND_UPLOAD)
 
 
-def abandon_upload(reg: Registry, mirror: int, ino: int, key: bytes) -> None:
-    """Nothing was sent to ``key`` after :func:`start_upload` (the source went away first)."""
-    with reg.db.begin(write=True) as txn:
-        reg.clear_pending(txn, mirror, ino, key)
-
-
 @dataclass
 class Uploaded:
     """What a finished PUT sent (``xxhash`` hex of the bytes sent)."""
