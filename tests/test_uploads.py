@@ -19,7 +19,7 @@ from mirrorfs.cache.db import ROOT_INO, Database
 from mirrorfs.cache.registry import MirrorRule, Registry
 from mirrorfs.cache.store import Store
 from mirrorfs.remotes.base import make_remote
-from mirrorfs.uploader import MirrorState, Uploader
+from mirrorfs.uploader import INLINE_READ, MirrorState, Uploader
 from tests.servers import bucket_objects
 
 MIRROR = 1
@@ -48,7 +48,7 @@ def test_a_file_unlinked_under_its_claimed_upload_is_no_failed_attempt(
     files, each logged and backed off): the job runs again at once and finds nothing to do.
     A file next to it, unlinked after it was uploaded, is deleted from the mirror as before."""
     reg, store, m = _setup(tmp_path, s3)
-    gone = _file(reg, store, b"gone", b"x" * 5000)
+    gone = _file(reg, store, b"gone", b"x" * (INLINE_READ + 1))  # read in a thread
     kept = _file(reg, store, b"kept", b"y" * 3000)
 
     async def main() -> None:

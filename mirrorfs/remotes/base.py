@@ -180,6 +180,12 @@ class Remote(abc.ABC):
         caller sees it in ``PutResult.xxhash`` and must not record the upload as done.
         """
 
+    #: Jobs the uploader may run on this mirror beyond its ``concurrency``, for a remote
+    #: that bounds its own requests (S3: its thread limiter): while that many requests are
+    #: in flight, the extra jobs read, hash and record, so that no request slot waits for
+    #: the local work between two files.
+    jobs_ahead: int = 0
+
     #: Content up to this many bytes may be handed to :meth:`put_data` in memory, read once
     #: for hashing and sending (0: this mirror always uploads from the file).
     inline_put_limit: int = 0

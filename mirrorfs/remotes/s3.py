@@ -187,6 +187,7 @@ class S3Remote(Remote):
         self.multipart_threshold = min(int(options["multipart_threshold"]), MAX_SINGLE)
         self.multipart_chunksize = max(int(options["multipart_chunksize"]), MIN_PART)
         self.inline_put_limit = min(self.multipart_threshold, INLINE_PUT_MAX)
+        self.jobs_ahead = self.concurrency  # requests wait for ``_limiter``, not for us
         self.storage_class: str | None = options.get("storage_class")
         self.url_base: str | None = options.get("url_base")
         #: Parts of one upload in flight at once (boto3's transfer manager sends 10).
