@@ -16,14 +16,25 @@ from mirrorfs.remotes.base import CHUNK_SIZE
 BLOCK = 1 << 20
 
 
-def hash_file(path: str) -> tuple[str, bytes, int]:
-    """Return (xxh3_128 hex, concatenated 8-byte chunk digests, size) of the file at path."""
+def read_and_hash(path: str, keep_upto: int) -> tuple[str, bytes, int, bytes | None]:
+    """(xxh3_128 hex, concatenated 8-byte chunk digests, size, content) of the file at path;
+    the content only if it has at most ``keep_upto`` bytes (else None): a small file is read
+    once for both its hashes and its upload."""
     whole = xxhash.xxh3_128()
     chunks = bytearray()
     size = 0
     # O_NOFOLLOW: a content file swapped for a symlink must not send a file from elsewhere
     with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb",
               buffering=0) as f:
+        if keep_upto and os.fstat(f.fileno()).st_size <= keep_upto:
+            data = f.read(keep_upto + 1)
+            if len(data) <= keep_upto:
+                return (xxhash.xxh3_128_hexdigest(data),
+                        xxhash.xxh3_64_digest(data) if len(data) <= CHUNK_SIZE else
+                        b"".join(xxhash.xxh3_64_digest(data[i:i + CHUNK_SIZE])
+                                 for i in range(0, len(data), CHUNK_SIZE)),
+                        len(data), data)
+            f.seek(0)
         while True:
             chunk = f.read(CHUNK_SIZE)
             if not chunk:
@@ -33,7 +44,7 @@ def hash_file(path: str) -> tuple[str, bytes, int]:
             size += len(chunk)
     if size == 0:
         chunks += xxhash.xxh3_64_digest(b"")
-    return whole.hexdigest(), bytes(chunks), size
+    return whole.hexdigest(), bytes(chunks), size, None
 
 
 def chunk_digest(data: bytes | memoryview) -> bytes:

@@ -2,7 +2,9 @@
 
 Owns the per-mirror runtime state (up/down, paused, jobs in flight, busy paths). One
 scheduler task per mirror takes due jobs from the journal and runs each in a task of its own,
-at most ``concurrency`` at a time; a mirror that is down or paused only stops its own queue.
+at most ``concurrency`` transfers at a time (plus ``Remote.jobs_ahead`` jobs doing their local
+work meanwhile, where the remote bounds its own requests); a mirror that is down or paused
+only stops its own queue.
 
 A job is a reconciliation, not a recorded operation: it reads what the inode is now (the
 set of its paths the mirror wants: one, or one per hard link) and what the mirror holds
@@ -35,11 +37,11 @@ inode has such a record its job stays, and every run of the job first finishes t
 (:meth:`Uploader._settle_pending`): after a crash, a failed delete or a cut rename.
 
 Concurrency contract: the uploader's LMDB access (claims, completions, remote copies, the
-outbox) is in short synchronous transactions in the trio thread, never across an await (the
-handlers, the fetcher, pull and the admin commands open transactions of their own, under the
-same rule); remotes do their blocking work in threads of their own; hashing runs in a thread
-under ``hash_limiter``. A job runs under a lease (a deadline); a job whose lease ends is cancelled
-and requeued, and at startup every claimed job is pending again (see cache/recover.py).
+outbox) is the named operations of cache/uploads.py, each one short synchronous transaction
+in the trio thread, never across an await; remotes do their blocking work in threads of their
+own; hashing runs in a thread under ``hash_limiter``. A job runs under a lease (a deadline); a
+job whose lease ends is cancelled and requeued, and at startup every claimed job is pending
+again (see cache/recover.py).
 """
 
 from __future__ import annotations
@@ -47,32 +49,25 @@ from __future__ import annotations
 import logging
 import os
 import random
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import lmdb
 import trio
 import xxhash
 
 from mirrorfs.busy import BusyKeys
+from mirrorfs.cache import uploads
 from mirrorfs.cache.db import (
-    F_ORPHAN,
     LOCAL_FULL,
-    MQ,
     PEND_DELETE,
     PEND_RENAME,
     PEND_UPLOAD,
-    U64,
     Inode,
     RemoteCopy,
-    bump_counter,
-    set_counter,
 )
 from mirrorfs.cache.registry import MirrorRule, Registry
-from mirrorfs.cache.sync import emit
 from mirrorfs.errors import (
     InvalidKey,
     MirrorfsError,
@@ -81,7 +76,7 @@ from mirrorfs.errors import (
     RemoteError,
     RemoteUnavailable,
 )
-from mirrorfs.hashing import hash_file
+from mirrorfs.hashing import read_and_hash
 from mirrorfs.remotes.base import ObjectMeta, Remote
 from mirrorfs.seams import crash_point
 
@@ -93,6 +88,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 5.0
+#: Content files up to this size are read and hashed in the trio thread, like a pread of a
+#: handler (~10 us for 64 KiB with xxh3): a hop to a worker thread and back costs more.
+INLINE_READ = 64 * 1024
 MAX_BACKOFF = 300.0
 
 
@@ -202,8 +200,7 @@ class Uploader:
         # A restart after a failure (workers.Supervisor): the jobs the failed run had in
         # flight were cancelled and are still claimed; they are pending again.
         if m.rule.index in self._scheduled:
-            with self.reg.db.begin(write=True) as txn:
-                self.reg.journal.release_claims(txn, m.rule.index, self.clock())
+            uploads.release_claims(self.reg, m.rule.index, self.clock())
         self._scheduled.add(m.rule.index)
         async with trio.open_nursery() as jobs:
             while True:
@@ -217,27 +214,21 @@ class Uploader:
                     started = self._start_due(m, jobs)
                     if started:
                         continue
-                    with self.reg.db.begin() as txn:
-                        nxt = self.reg.journal.next_due(txn, m.rule.index)
+                    nxt = uploads.next_due(self.reg, m.rule.index)
                     if nxt is not None:
                         delay = min(delay, max(0.01, nxt - self.clock()))
                 with trio.move_on_after(delay):
                     await m.wake.wait()
 
     def _start_due(self, m: MirrorState, nursery: trio.Nursery) -> int:
-        room = m.concurrency - len(m.in_flight)
+        room = m.concurrency + m.remote.jobs_ahead - len(m.in_flight)
         if room <= 0:
             return 0
-        started = 0
-        with self.reg.db.begin(write=True) as txn:
-            for ino, _job in self.reg.journal.due(txn, m.rule.index, self.clock(), room):
-                claimed = self.reg.journal.claim(txn, m.rule.index, ino)
-                if claimed is None:
-                    continue
-                m.in_flight.add(ino)
-                nursery.start_soon(self._run, m, ino, claimed.seq)
-                started += 1
-        return started
+        claimed = uploads.claim_due(self.reg, m.rule.index, self.clock(), room)
+        for ino, seq in claimed:
+            m.in_flight.add(ino)
+            nursery.start_soon(self._run, m, ino, seq)
+        return len(claimed)
 
     async def _probe(self, m: MirrorState) -> float:
         try:
@@ -249,10 +240,7 @@ class Uploader:
         log.info("mirror %s is reachable again; resuming its queue", m.rule.name)
         m.up = True
         # Jobs that backed off while the mirror was away should not wait out their backoff.
-        now = self.clock()
-        with self.reg.db.begin(write=True) as txn:
-            for ino, _job in list(self.reg.journal.iter_jobs(txn, m.rule.index)):
-                self.reg.journal.expedite(txn, m.rule.index, ino, now)
+        uploads.expedite_all(self.reg, m.rule.index, self.clock())
         return 0.0
 
     async def _run(self, m: MirrorState, ino: int, seq: int) -> None:
@@ -266,38 +254,29 @@ class Uploader:
             log.exception("mirror %s: job for inode %d failed unexpectedly", m.rule.name, ino)
             m.last_error = f"internal error: {exc}"
             try:
-                with self.reg.db.begin(write=True) as txn:
-                    self.reg.journal.retry_later(txn, m.rule.index, ino,
-                                                 self.clock() + MAX_BACKOFF / 10, str(exc))
+                uploads.retry_job(self.reg, m.rule.index, ino, self.clock(), str(exc),
+                                  lambda _attempts: MAX_BACKOFF / 10)
             except Exception:
                 log.exception("mirror %s: could not requeue inode %d", m.rule.name, ino)
 
     async def _run_job(self, m: MirrorState, ino: int, seq: int) -> None:
         idx = m.rule.index
-        node = self.reg.get(ino)
+        view = uploads.job_view(self.reg, m.rule, ino)
+        node = view.node
         # (a file with hard links may need an upload per path)
         lease = lease_for(node.size if node else 0) * max(1, node.nlink if node else 1)
         try:
             with trio.fail_after(lease):
-                await self._reconcile(m, ino)
+                await self._reconcile(m, ino, view)
         except Defer as d:
-            with self.reg.db.begin(write=True) as txn:
-                job = self.reg.journal.get(txn, idx, ino)
-                attempts = job.attempts if job else 0
-                self.reg.journal.retry_later(txn, idx, ino, self.clock() + d.delay, str(d))
-                job = self.reg.journal.get(txn, idx, ino)
-                if job is not None:  # a deferral is not a failed attempt
-                    job.attempts = attempts
-                    txn.put(MQ.pack(idx, ino), job.pack(), db=self.reg.journal.jobs)
+            uploads.defer_job(self.reg, idx, ino, self.clock() + d.delay, str(d))
         except InvalidKey as exc:
             log.warning("mirror %s cannot store %r: %s (marked failed)", m.rule.name,
                         self.reg.path_of(ino), exc)
-            with self.reg.db.begin(write=True) as txn:
-                self.reg.journal.fail(txn, idx, ino, seq, f"invalid name: {exc}")
+            uploads.fail_job(self.reg, idx, ino, seq, f"invalid name: {exc}")
         except PermanentRemoteError as exc:
             log.error("mirror %s: %s (inode %d marked failed)", m.rule.name, exc, ino)
-            with self.reg.db.begin(write=True) as txn:
-                self.reg.journal.fail(txn, idx, ino, seq, str(exc))
+            uploads.fail_job(self.reg, idx, ino, seq, str(exc))
         except (MirrorfsError, trio.TooSlowError, OSError) as exc:
             # RemoteError, NotFound, and what fetching the content for another mirror met:
             # NoGoodCopy, LocalDiskError (each says whose problem it is)
@@ -308,19 +287,14 @@ class Uploader:
             if isinstance(exc, trio.TooSlowError):
                 reason = f"lease of {lease:.0f}s ended"
             m.last_error = reason
-            with self.reg.db.begin(write=True) as txn:
-                job = self.reg.journal.get(txn, idx, ino)
-                delay = backoff(job.attempts if job else 0)
-                self.reg.journal.retry_later(txn, idx, ino, self.clock() + delay, reason)
+            delay = uploads.retry_job(self.reg, idx, ino, self.clock(), reason, backoff)
             log.info("mirror %s: inode %d: %s; retry in %.1fs", m.rule.name, ino, reason, delay)
         except BaseException:
             # Cancelled (shutdown) or a bug: leave the job claimed; startup makes it pending.
             m.in_flight.discard(ino)
             raise
         else:
-            with self.reg.db.begin(write=True) as txn:
-                self.reg.job_done(txn, idx, ino, seq)
-                set_counter(txn, self.reg.counters, b"m%d.last_success" % idx, int(self.clock()))
+            uploads.complete_jobs(self.reg, idx, [(ino, seq)], self.clock())
             self.on_done(ino)
         finally:
             m.in_flight.discard(ino)
@@ -338,31 +312,16 @@ class Uploader:
             if p is not None:
                 m.busy[p] = ino
 
-    def _owner(self, txn: lmdb.Transaction, m: MirrorState, path: bytes) -> int | None:
-        return self.reg.rpath_owner(txn, m.rule.index, path)
-
-    def _wanted_paths(self, txn: lmdb.Transaction, m: MirrorState,
-                      node: Inode | None) -> list[bytes]:
-        """The keys the mirror should hold for ``node``: one per path (hard link) it wants."""
-        if node is None or node.flags & F_ORPHAN or not stat.S_ISREG(node.mode):
-            return []
-        return [p for p in self.reg.paths_txn(txn, node) if m.rule.wants(p)]
-
-    async def _reconcile(self, m: MirrorState, ino: int) -> None:
+    async def _reconcile(self, m: MirrorState, ino: int, view: uploads.JobView) -> None:
         """Bring the mirror's set of keys for ``ino`` in line with the inode's paths: each
         wanted key gets the current content (rename, server-side copy or upload), then the
         keys no longer wanted are deleted -- new objects before old ones go, so a crash in
         between leaves an extra object (still recorded, deleted by the next run), never a
-        missing one."""
-        with self.reg.db.begin() as txn:
-            node = self.reg.get_txn(txn, ino)
-            copies = self.reg.remote_copies(txn, m.rule.index, ino)
-            wanted = self._wanted_paths(txn, m, node)
-            pending = self.reg.pending_ops(txn, m.rule.index, ino)
-        if pending:
-            await self._settle_pending(m, ino, wanted, pending)
-            with self.reg.db.begin() as txn:
-                copies = self.reg.remote_copies(txn, m.rule.index, ino)
+        missing one. ``view``: the job's state read when it started."""
+        node, wanted, copies = view.node, view.wanted, view.copies
+        if view.pending:
+            await self._settle_pending(m, ino, wanted, view.pending)
+            copies = uploads.copies(self.reg, m.rule.index, ino)
         if not wanted:
             if copies:
                 if node is not None and node.local != LOCAL_FULL and self.reg.is_open(ino):
@@ -377,9 +336,8 @@ class Uploader:
             m.remote.check_key(remote_key(want))
         for want in wanted:
             await self._reconcile_key(m, node, want, wanted)
-        with self.reg.db.begin() as txn:
-            unwanted = [rc for rc in self.reg.remote_copies(txn, m.rule.index, ino)
-                        if rc.path not in wanted]
+        unwanted = [rc for rc in uploads.copies(self.reg, m.rule.index, ino)
+                    if rc.path not in wanted]
         if unwanted:
             crash_point("upload-recorded")
         for rc in unwanted:
@@ -390,9 +348,8 @@ class Uploader:
                              wanted: list[bytes]) -> None:
         """One wanted key of ``node``: the one step that gives it the current content."""
         ino = node.ino
-        with self.reg.db.begin() as txn:
-            owner = self._owner(txn, m, want)
-            copies = {rc.path: rc for rc in self.reg.remote_copies(txn, m.rule.index, ino)}
+        owner, held = uploads.owner_and_copies(self.reg, m.rule.index, ino, want)
+        copies = {rc.path: rc for rc in held}
         if owner is not None and owner != ino:
             self._take_keys(m, ino, want)
             self._claim_key(m, ino, want, owner)
@@ -406,8 +363,7 @@ class Uploader:
         moved = next((c for c in current if c.path not in wanted), None)
         if moved is not None:
             self._take_keys(m, ino, moved.path)
-            with self.reg.db.begin(write=True) as txn:
-                self.reg.set_pending(txn, m.rule.index, ino, want, PEND_RENAME, moved.hash)
+            uploads.start_rename(self.reg, m.rule.index, ino, want, moved.hash)
             try:
                 await m.remote.rename(remote_key(moved.path), remote_key(want), size=moved.size)
                 crash_point("rename-done")
@@ -427,9 +383,7 @@ class Uploader:
         source = next((c for c in current if c.path != want), None)
         if source is not None and m.remote.server_copy:
             self._take_keys(m, ino, source.path)
-            with self.reg.db.begin(write=True) as txn:
-                if self._owner(txn, m, want) != ino:  # not ours yet: as for an upload
-                    self.reg.set_pending(txn, m.rule.index, ino, want, PEND_UPLOAD)
+            uploads.start_upload(self.reg, m.rule.index, ino, want, only_if_not_owned=True)
             try:
                 await m.remote.copy(remote_key(source.path), remote_key(want), size=source.size)
                 crash_point("copy-done")
@@ -445,9 +399,7 @@ class Uploader:
         """chmod/utime since the upload: the object's metadata, not its content."""
         if rc.mode == node.mode and rc.mtime_ns == node.mtime_ns:
             return
-        with self.reg.db.begin() as txn:
-            cur = self.reg.remote_copies(txn, m.rule.index, node.ino)
-        for c in cur:
+        for c in uploads.copies(self.reg, m.rule.index, node.ino):
             if c.ver == rc.ver and (c.mode != node.mode or c.mtime_ns != node.mtime_ns):
                 await m.remote.update_meta(remote_key(c.path), ObjectMeta(
                     node.size, c.hash.hex(), node.mtime_ns, node.mode & 0o7777,
@@ -465,30 +417,23 @@ class Uploader:
         for key, kind, digest in pending:
             if key in wanted and kind != PEND_DELETE:
                 continue  # this run uploads, copies or renames to it again and records it
-            with self.reg.db.begin() as txn:
-                owner = self._owner(txn, m, key)
-                # a cut rename's source: our copy of that content at another key
-                sources = [c for c in self.reg.remote_copies(txn, idx, ino)
-                           if c.path != key and c.hash == digest]
-            if owner is not None or key in wanted:
+            # (sources: a cut rename's source, our copy of that content at another key)
+            pv = uploads.pending_view(self.reg, idx, ino, key, digest)
+            if pv.owner is not None or key in wanted:
                 # owned (by us: it is our recorded copy; by another inode: its object),
                 # or wanted again: nothing of ours to remove
-                with self.reg.db.begin(write=True) as txn:
-                    self.reg.clear_pending(txn, idx, ino, key)
+                uploads.settle_pending(self.reg, idx, ino, key, kind, digest, False,
+                                       m.publish)
                 continue
-            if kind == PEND_RENAME and sources:
-                if await self._adopt_renamed(m, ino, sources[0], key):
+            if kind == PEND_RENAME and pv.sources:
+                if await self._adopt_renamed(m, ino, pv.sources[0], key):
                     continue
             if m.rule.delete_policy != "never" or kind == PEND_RENAME:
                 log.info("mirror %s: removing %r left by an unfinished %s", m.rule.name, key,
                          {PEND_DELETE: "move", PEND_UPLOAD: "upload",
                           PEND_RENAME: "rename"}.get(kind, "operation"))
                 await m.remote.delete(remote_key(key))
-            with self.reg.db.begin(write=True) as txn:
-                if kind == PEND_DELETE:
-                    bump_counter(txn, self.reg.counters, b"m%d.deletes" % idx, 1)
-                    self._emit(txn, m, "delete", key, hash=digest.hex())
-                self.reg.clear_pending(txn, idx, ino, key)
+            uploads.settle_pending(self.reg, idx, ino, key, kind, digest, True, m.publish)
 
     async def _adopt_renamed(self, m: MirrorState, ino: int, rc: RemoteCopy,
                              key: bytes) -> bool:
@@ -521,85 +466,35 @@ class Uploader:
 
     def _claim_key(self, m: MirrorState, ino: int, path: bytes, owner: int) -> None:
         """``path`` holds another inode's object: overwrite it only if nothing is lost."""
-        idx = m.rule.index
-        with self.reg.db.begin(write=True) as txn:
-            other = self.reg.get_txn(txn, owner)
-            other_want = self._wanted_paths(txn, m, other)
-            if other is not None and path in other_want:
-                raise Defer(f"key {path!r} still belongs to inode {owner}", 1.0)
-            if (other is not None and other.local != LOCAL_FULL
-                    and self.reg.is_open(owner)):
-                raise Defer(f"key {path!r} holds inode {owner}, still open for reading", 1.0)
-            # (or its content is on this mirror at another key it wants: a hard link)
-            elsewhere = other is not None and any(
-                c.ver == other.ver and c.path in other_want
-                for c in self.reg.remote_copies(txn, idx, owner))
-            recoverable = (other is None or other.flags & F_ORPHAN or not other_want
-                           or other.local == LOCAL_FULL or elsewhere)
-            if not recoverable:
-                # The other inode's only copy here is this object: let it move away first.
-                self.reg.journal.touch(txn, idx, owner, self.clock())
-                raise Defer(f"key {path!r} holds inode {owner}, which must move first", 0.5)
-            self.reg.drop_remote(txn, m.rule.index, owner, path)
-            if other is not None and other_want:
-                self.reg.journal.touch(txn, idx, owner, self.clock())
+        refused = uploads.take_over_key(self.reg, m.rule, ino, path, owner, self.clock())
+        if refused is not None:
+            raise Defer(*refused)
         m.wake.set()
 
-    def _emit(self, txn: lmdb.Transaction, m: MirrorState, op: str, path: bytes,
-              **fields: object) -> None:
-        """Tell the other nodes (multi-node mirrors only): a record in the change outbox."""
-        if m.publish:
-            emit(txn, self.reg.db, m.rule.index, {"op": op, "path": os.fsdecode(path),
-                                                  **fields})
-
     def _record_move(self, m: MirrorState, ino: int, rc: RemoteCopy, new_path: bytes) -> None:
-        with self.reg.db.begin(write=True) as txn:
-            self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
-                new_path, rc.ver, rc.hash, rc.size, rc.mode, rc.mtime_ns))
-            self.reg.drop_remote(txn, m.rule.index, ino, rc.path)
-            self.reg.clear_pending(txn, m.rule.index, ino, new_path)
-            bump_counter(txn, self.reg.counters, b"m%d.renames" % m.rule.index, 1)
-            self._emit(txn, m, "rename", new_path, **{"from": os.fsdecode(rc.path)},
-                       hash=rc.hash.hex(), size=rc.size, mtime=rc.mtime_ns,
-                       mode=rc.mode & 0o7777)
+        uploads.record_move(self.reg, m.rule.index, ino, rc, new_path, m.publish)
 
     def _record_copy(self, m: MirrorState, ino: int, src: RemoteCopy, path: bytes,
                      old: RemoteCopy | None) -> None:
         """A server-side copy of another path of the inode landed at ``path``."""
-        with self.reg.db.begin(write=True) as txn:
-            self.reg.set_remote(txn, m.rule.index, ino, RemoteCopy(
-                path, src.ver, src.hash, src.size, src.mode, src.mtime_ns))
-            self.reg.clear_pending(txn, m.rule.index, ino, path)
-            bump_counter(txn, self.reg.counters, b"m%d.server_copies" % m.rule.index, 1)
-            chunks = txn.get(U64.pack(ino), db=self.reg.chunks)
-            node = self.reg.get_txn(txn, ino)
-            prev = old.hash.hex() if old is not None and old.hash.strip(b"\0") else None
-            fields: dict[str, object] = {}
-            if chunks is not None and node is not None and \
-                    U64.unpack(bytes(chunks[:8]))[0] == src.ver:
-                fields["chunks"] = bytes(chunks[8:]).hex()
-            self._emit(txn, m, "put", path, hash=src.hash.hex(), prev=prev, size=src.size,
-                       mtime=src.mtime_ns, mode=src.mode & 0o7777, **fields)
+        uploads.record_copy(self.reg, m.rule.index, ino, src, path, old, m.publish)
 
     def _record_meta(self, m: MirrorState, ino: int, node: Inode, path: bytes) -> None:
-        with self.reg.db.begin(write=True) as txn:
-            rc = self.reg.remote_copy(txn, m.rule.index, ino, path)
-            if rc is not None:
-                rc.mode, rc.mtime_ns = node.mode, node.mtime_ns
-                self.reg.set_remote(txn, m.rule.index, ino, rc)
-                self._emit(txn, m, "put", rc.path, hash=rc.hash.hex(), prev=rc.hash.hex(),
-                           size=rc.size, mtime=rc.mtime_ns, mode=rc.mode & 0o7777)
+        uploads.record_meta(self.reg, m.rule.index, node, path, m.publish)
 
     async def _delete(self, m: MirrorState, ino: int, rc: RemoteCopy) -> None:
-        with self.reg.db.begin() as txn:
-            owner = self._owner(txn, m, rc.path)
-        if owner == ino and m.rule.delete_policy != "never":
+        owner = uploads.owner(self.reg, m.rule.index, rc.path)
+        deleted = owner == ino and m.rule.delete_policy != "never"
+        if deleted:
             await m.remote.delete(remote_key(rc.path))
-            with self.reg.db.begin(write=True) as txn:
-                bump_counter(txn, self.reg.counters, b"m%d.deletes" % m.rule.index, 1)
-                self._emit(txn, m, "delete", rc.path, hash=rc.hash.hex())
-        with self.reg.db.begin(write=True) as txn:
-            self.reg.drop_remote(txn, m.rule.index, ino, rc.path)
+        uploads.record_delete(self.reg, m.rule.index, ino, rc, deleted, m.publish)
+    def _source_gone(self, m: MirrorState, node: Inode, path: bytes) -> None:
+        """The content file vanished under the upload. If the file was unlinked, replaced or
+        rewritten since the job read it (the unlink removed the content file), that is no
+        failure: the job runs again at once on what the file is now. Otherwise the caller's
+        error stands (a content file missing for a file that still wants it)."""
+        if uploads.source_changed(self.reg, m.rule, node, path):
+            raise Defer("the file changed or went away before its upload", 0.0)
 
     async def _upload(self, m: MirrorState, node: Inode, path: bytes,
                       old: RemoteCopy | None) -> None:
@@ -619,41 +514,41 @@ class Uploader:
         gen = of.write_gen if of is not None else 0
         src = self.store.path(ino)
         idx = m.rule.index
-        with self.reg.db.begin(write=True) as txn:
-            # say so before writing it: if the key is not ours yet, a crash must not leave
-            # it owned by nothing; and a crash may leave a temp file in its directory
-            self.reg.set_pending(txn, idx, ino, path, PEND_UPLOAD)
         t0 = trio.current_time()
-        whole, chunks, size = await trio.to_thread.run_sync(hash_file, src,
-                                                           limiter=self.hash_limiter)
+        try:
+            # one read for both: a small file's bytes come back with its hashes; as cheap
+            # as a pread, so inline (a thread hop costs more than reading and hashing it)
+            if node.size <= INLINE_READ:
+                whole, chunks, size, data = read_and_hash(
+                    src, min(INLINE_READ, m.remote.inline_put_limit))
+            else:
+                whole, chunks, size, data = await trio.to_thread.run_sync(
+                    read_and_hash, src, m.remote.inline_put_limit, limiter=self.hash_limiter)
+        except FileNotFoundError:
+            self._source_gone(m, node, path)
+            raise
         meta = ObjectMeta(size=size, xxhash=whole, mtime_ns=node.mtime_ns,
                           mode=node.mode & 0o7777, writer=self.writer)
+        # say so before writing it: if the key is not ours yet, a crash must not leave
+        # it owned by nothing; and a crash may leave a temp file in its directory
+        uploads.start_upload(self.reg, idx, ino, path)
         t1 = trio.current_time()
-        res = await m.remote.put(remote_key(path), src, meta)
+        if data is not None:
+            res = await m.remote.put_data(remote_key(path), data, meta)
+        else:
+            try:
+                res = await m.remote.put(remote_key(path), src, meta)
+            except FileNotFoundError:
+                # (its pending record stays: the next run removes what may have been sent)
+                self._source_gone(m, node, path)
+                raise
         crash_point("put-done")
         log.debug("mirror %s: uploaded %r (%d bytes): hashed in %.2f s, sent in %.2f s",
                   m.rule.name, path, size, t1 - t0, trio.current_time() - t1)
         of = self.ops.open_files.get(ino) if self.ops is not None else None
         changed = (res.xxhash != whole or res.size != size
                    or (of is not None and (of.write_gen != gen or of.dirty)))
-        with self.reg.db.begin(write=True) as txn:
-            cur = self.reg.get_txn(txn, ino)
-            same = (not changed and cur is not None and cur.ver == node.ver
-                    and cur.size == size)
-            rc = RemoteCopy(path, node.ver if same else 0, bytes.fromhex(res.xxhash),
-                            res.size, node.mode, node.mtime_ns)
-            self.reg.set_remote(txn, idx, ino, rc)
-            self.reg.clear_pending(txn, idx, ino, path)
-            bump_counter(txn, self.reg.counters, b"m%d.uploads" % idx, 1)
-            bump_counter(txn, self.reg.counters, b"m%d.upload_bytes" % idx, res.size)
-            if same and cur is not None:
-                cur.hash = bytes.fromhex(whole)
-                cur.hash_ver = cur.ver
-                txn.put(U64.pack(ino), cur.pack(), db=self.reg.inodes)
-                txn.put(U64.pack(ino), U64.pack(cur.ver) + chunks, db=self.reg.chunks)
-                prev = old.hash.hex() if (old is not None and old.path == path
-                                          and old.hash.strip(b"\0")) else None
-                self._emit(txn, m, "put", path, hash=whole, prev=prev, size=size,
-                           mtime=node.mtime_ns, mode=node.mode & 0o7777, chunks=chunks.hex())
+        uploads.record_upload(self.reg, idx, uploads.Uploaded(
+            path, res.size, res.xxhash, chunks, node, old), changed, m.publish)
         if changed:
             raise Defer("file changed during upload; uploading again", 0.5)

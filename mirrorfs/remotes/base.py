@@ -182,6 +182,21 @@ class Remote(abc.ABC):
         caller sees it in ``PutResult.xxhash`` and must not record the upload as done.
         """
 
+    #: Jobs the uploader may run on this mirror beyond its ``concurrency``, for a remote
+    #: that bounds its own requests (S3: its thread limiter): while that many requests are
+    #: in flight, the extra jobs read, hash and record, so that no request slot waits for
+    #: the local work between two files.
+    jobs_ahead: int = 0
+
+    #: Content up to this many bytes may be handed to :meth:`put_data` in memory, read once
+    #: for hashing and sending (0: this mirror always uploads from the file).
+    inline_put_limit: int = 0
+
+    async def put_data(self, key: str, data: bytes, meta: ObjectMeta) -> PutResult:
+        """Upload ``data`` under ``key`` as :meth:`put` would the same bytes from a file.
+        ``meta.xxhash`` is the hash of ``data`` (the caller computed it from these bytes)."""
+        raise NotImplementedError(f"{type(self).__name__} uploads from files only")
+
     @abc.abstractmethod
     def open_read(self, key: str, start: int = 0, length: int | None = None) -> ReadStream:
         """Stream ``length`` bytes (to the end if None) of ``key`` from ``start``.

@@ -64,6 +64,9 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 #: Bytes per read() of a ReadStream.
 READ_BLOCK = MiB
+#: The largest content the uploader hands over in memory (read and hashed once, see
+#: Remote.put_data); bigger files are read by ``put`` itself, as a stream or in parts.
+INLINE_PUT_MAX = 8 * MiB
 #: Pooled connections beyond the thread limiter: an open ReadStream holds one between its
 #: reads, outside the limiter (one per download in progress).
 STREAM_CONNECTIONS = 16
@@ -184,6 +187,8 @@ class S3Remote(Remote):
         self.concurrency = max(1, int(options["concurrency"]))
         self.multipart_threshold = min(int(options["multipart_threshold"]), MAX_SINGLE)
         self.multipart_chunksize = max(int(options["multipart_chunksize"]), MIN_PART)
+        self.inline_put_limit = min(self.multipart_threshold, INLINE_PUT_MAX)
+        self.jobs_ahead = self.concurrency  # requests wait for ``_limiter``, not for us
         self.storage_class: str | None = options.get("storage_class")
         self.url_base: str | None = options.get("url_base")
         #: Parts of one upload in flight at once (boto3's transfer manager sends 10).
@@ -350,11 +355,21 @@ class S3Remote(Remote):
         if small is None:
             return await self._put_multipart(full, local_path, meta)
         data, digest = small
-        meta = replace(meta, size=len(data), xxhash=digest)
-        resp = await self._s3("put_object", f"put {key}", Key=full, Body=data,
+        return await self._put_object(key, data, replace(meta, size=len(data), xxhash=digest))
+
+    @retry()
+    async def put_data(self, key: str, data: bytes, meta: ObjectMeta) -> PutResult:
+        if len(data) > self.multipart_threshold:
+            raise ValueError(f"put_data of {len(data)} bytes: over the multipart threshold")
+        return await self._put_object(key, data, replace(meta, size=len(data)))
+
+    async def _put_object(self, key: str, data: bytes, meta: ObjectMeta) -> PutResult:
+        """One PutObject of ``data``, whose hash ``meta.xxhash`` is."""
+        assert meta.xxhash is not None
+        resp = await self._s3("put_object", f"put {key}", Key=self._full(key), Body=data,
                               Metadata=meta.as_dict(), ContentType=_content_type(key),
                               **self._storage())
-        return PutResult(size=len(data), xxhash=digest, etag=_etag(resp.get("ETag")))
+        return PutResult(size=len(data), xxhash=meta.xxhash, etag=_etag(resp.get("ETag")))
 
     async def _put_multipart(self, full: str, local_path: str, meta: ObjectMeta) -> PutResult:
         """Upload in parts read in order (hashed on the way), a few in flight at once.
