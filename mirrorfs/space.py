@@ -201,6 +201,12 @@ class Space:
             self._refresh(force=True)
 
     def committed(self, nbytes: int) -> None:
+        """A handle committed ``nbytes`` written through it: they are dirty bytes now. Moved
+        over in the estimate rather than read again (a re-read here made every small file's
+        next write pay a statvfs and two read transactions): dirty_bytes grows by at most
+        that much (local_bytes too), so the bounds stay conservative until the next reading
+        (at most REFRESH later)."""
         self.unsynced = max(0, self.unsynced - nbytes)
-        self._read_at = 0.0
+        self._dirty += nbytes
+        self._local += nbytes
 
