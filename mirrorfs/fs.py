@@ -234,6 +234,10 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
         of = self.open_files.get(inode)
+        if of is None and self.reg.get(inode) is None:
+            # The kernel writes back the times of every file it unlinks (a SETATTR right
+            # after the UNLINK): answered from a read transaction, not a write one.
+            raise FUSEError(errno.ENOENT)
         if (of is not None and of.dirty and not (fields.update_size or fields.update_mode
                                                  or fields.update_uid or fields.update_gid)):
             # Times on a file being written (the kernel sends them before every flush with
@@ -358,10 +362,7 @@ class Operations(pyfuse3.Operations):
         if node.local == LOCAL_FULL:
             return
         self.store.create_empty(node.ino)
-        with self.reg.db.begin(write=True) as txn:
-            cur = self.reg.get_txn(txn, node.ino)
-            if cur is not None and cur.local != LOCAL_FULL:
-                self.reg.set_local(txn, cur, LOCAL_FULL)
+        self.reg.make_local(node.ino)
 
     def _open_file(self, ino: int, create: bool = False) -> OpenFile:
         of = self.open_files.get(ino)
@@ -618,7 +619,9 @@ class Operations(pyfuse3.Operations):
     def _drop_content(self, ino: int) -> None:
         """An inode's content is gone for good: its file, and its place in the LRU order
         (which otherwise kept every inode ever created, deleted or not)."""
-        self.store.remove(ino)
+        # a .part file exists only while a download of the inode is registered (the fetcher
+        # renames or removes it when the download ends, recovery after a crash)
+        self.store.remove(ino, part=self.fetcher is not None and ino in self.fetcher.downloads)
         if self.space is not None:
             self.space.forget(ino)
 

@@ -187,8 +187,10 @@ class Registry:
     def paths_txn(self, txn: lmdb.Transaction, node: Inode) -> list[bytes]:
         """Every path of ``node`` (one per hard link), primary first; none if unlinked."""
         paths = [self.path_at(txn, p, n) for p, n in self.names_txn(txn, node)]
+        if len(paths) < 2:
+            return paths
         primary = self.path_txn(txn, node)
-        if len(paths) > 1 and primary in paths:
+        if primary in paths:
             paths.remove(primary)
             paths.insert(0, primary)
         return paths
@@ -489,6 +491,31 @@ class Registry:
             bump_counter(txn, self.counters, b"local_bytes", sign * node.size)
         node.local = local
         self._put(txn, node)
+
+    def make_local(self, ino: int) -> None:
+        """A remote-only file is about to be emptied (O_TRUNC, truncate to 0) and its caller
+        has made an empty content file: the file is local from now on."""
+        with self.db.begin(write=True) as txn:
+            node = self.get_txn(txn, ino)
+            if node is not None and node.local != LOCAL_FULL:
+                self.set_local(txn, node, LOCAL_FULL)
+
+    def drop_local(self, ino: int, evictable: Callable[[lmdb.Transaction, Inode], bool],
+                   force_pinned: bool = False) -> tuple[Inode | None, bool]:
+        """Evict: make a local file remote-only if ``evictable`` says so (in the same
+        transaction). Returns (the inode or None, whether it was made remote-only); the
+        caller removes the content file after this commit (a crash in between leaves a
+        stray file, which the startup check removes)."""
+        with self.db.begin(write=True) as txn:
+            node = self.get_txn(txn, ino)
+            if node is None or node.local != LOCAL_FULL:
+                return None, False
+            if force_pinned and node.flags & F_PINNED:
+                node.flags &= ~F_PINNED
+            if not evictable(txn, node):
+                return node, False
+            self.set_local(txn, node, LOCAL_NONE)
+        return node, True
 
     def _unlink_txn(self, txn: lmdb.Transaction, parent: Inode, name: bytes,
                     node: Inode, now: int) -> bool:
