@@ -1714,7 +1714,8 @@ def main() -> int:
         mf = systems.get("mirrorfs")
         if isinstance(mf, Mirrorfs):
             notes.append(f"mirrorfs: {mf.mirror_note}, upload_delay {UPLOAD_DELAY:g} s, "
-                         f"cache_size {CACHE_SIZE}, attr_timeout {MIRRORFS_ATTR_TIMEOUT:g} s, xattrs off, "
+                         f"cache_size {CACHE_SIZE}, attr_timeout {MIRRORFS_ATTR_TIMEOUT:g} s, "
+                         "xattrs off, "
                          f"mirror concurrency {CONCURRENCY}.")
             if not mf.evict_available():
                 notes.append("mirrorfs: `mirrorfs evict` is not available yet, so the cold "
