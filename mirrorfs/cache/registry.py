@@ -53,6 +53,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 NAME_MAX = 255
 LINK_MAX = 65000  # names of one inode (ext4 allows 65000)
+INO_BLOCK = 256  # inode numbers reserved per write of meta's next_ino (see _new_ino)
 
 
 class FsError(OSError):
@@ -111,6 +112,7 @@ class Registry:
         self.chunks = db.db["chunks"]
         self.links = db.db["links"]
         self.is_open: Callable[[int], bool] = lambda ino: False
+        self._ino_next: int | None = None  # see _new_ino
         #: an entry made behind the kernel's back (import, pull's new files): the mount makes
         #: the kernel forget what it cached of that name (a negative entry, the directory's
         #: attributes), which it may otherwise keep for ``attr_timeout`` (fs.Operations)
@@ -344,12 +346,22 @@ class Registry:
     # ----------------------------------------------------------------- changing
 
     def _new_ino(self, txn: lmdb.Transaction) -> int:
+        """A fresh inode number. The persisted ``next_ino`` is moved INO_BLOCK ahead at a
+        time and the numbers below it handed out from memory, so that a create dirties no
+        page of ``meta`` (an LMDB page write per sub-database a commit touches). Every number
+        handed out is below the persisted one; after a restart the rest of a block is skipped.
+        A block reserved in a transaction that aborted is noticed at the next call (memory
+        ahead of the persisted value) and reserved again."""
         meta = self.db.db["meta"]
         v = txn.get(b"next_ino", db=meta)
         if v is None:  # written when the database is made (db.open): never missing
             raise RuntimeError("LMDB meta has no next_ino: the cache database is damaged")
-        ino: int = U64.unpack(v)[0]
-        txn.put(b"next_ino", U64.pack(ino + 1), db=meta)
+        limit: int = U64.unpack(v)[0]
+        if self._ino_next is None or not limit - INO_BLOCK <= self._ino_next < limit:
+            self._ino_next = limit
+            txn.put(b"next_ino", U64.pack(limit + INO_BLOCK), db=meta)
+        ino = self._ino_next
+        self._ino_next += 1
         return ino
 
     def _dir_for_change(self, txn: lmdb.Transaction, parent: int) -> Inode:
