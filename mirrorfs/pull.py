@@ -638,6 +638,7 @@ class Sync:
                       os.fsdecode(path), exc)
             return
         self._invalidate(node, False)
+        reg.entry_added(parent, cbase)  # the kernel may hold a negative entry of that name
         with reg.db.begin(write=True) as txn:
             _status, made = reg.add_remote_file(
                 txn, path, int(rec["size"]), int(rec["mtime"]), int(rec.get("mode", 0o644)),
@@ -704,6 +705,8 @@ class Sync:
         if replaced is not None and gone and stat.S_ISREG(replaced.mode):
             self.d.store.remove(replaced.ino)
         self._invalidate(node, False)
+        # and the name it took: a negative entry of it, or the file it replaced
+        reg.entry_added(parent, dst.rpartition(b"/")[2])
         self._rmdirs(src.rpartition(b"/")[0])
 
     def _mkdirs(self, dirpath: bytes) -> int | None:
@@ -714,6 +717,7 @@ class Sync:
             child = self.d.reg.lookup(ino, part)
             if child is None:
                 child = self.d.reg.mknode(ino, part, stat.S_IFDIR | 0o755, 0, 0)
+                self.d.reg.entry_added(ino, part)
             elif not stat.S_ISDIR(child.mode):
                 return None
             ino = child.ino
