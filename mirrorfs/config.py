@@ -145,7 +145,9 @@ TOP_OPTIONS: dict[str, Opt] = {
     "xattrs": (_bool, False,
                "serve extended attributes (user.* and user.mirrorfs.*); costs a kernel round "
                "trip per write(2), see README"),
-    "attr_timeout": (_duration, 5.0, "seconds the kernel may cache attributes and entries"),
+    "attr_timeout": (_duration, 300.0,
+                     "seconds the kernel may cache attributes and entries (names changed "
+                     "by pulls and imports are invalidated at once)"),
     "read_ahead_kb": (_int, 1024,
                       "kernel read-ahead of the mount in KiB (bigger: faster cold sequential "
                       "reads; 0 leaves the kernel default)"),

@@ -120,7 +120,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
 
-    def __init__(self, registry: Registry, store: Store, *, attr_timeout: float = 5.0,
+    def __init__(self, registry: Registry, store: Store, *, attr_timeout: float = 300.0,
                  xattrs: bool = False, readonly: bool = False, stream_direct_io: bool = False,
                  fetcher: Fetcher | None = None, space: Space | None = None,
                  stats: RuntimeStats | None = None) -> None:
@@ -148,11 +148,19 @@ class Operations(pyfuse3.Operations):
         self._dir_fhs = itertools.count(1)
         self.fsync_limiter = trio.CapacityLimiter(4)
         registry.is_open = self.is_open
+        registry.entry_added = self._entry_added
         self.on_commit: Callable[[Inode], None] = lambda node: None
         #: inodes whose kernel caches are being dropped after a failed write (and those that
         #: failed again meanwhile): see _forget_unstored
         self._forgetting: set[int] = set()
         self._forget_again: set[int] = set()
+
+    def _entry_added(self, parent: int, name: bytes) -> None:
+        """A name appeared without a request of the kernel's (import, pull): the kernel may
+        hold a negative entry for it and the directory's old attributes for ``attr_timeout``.
+        Queued: the notification is written by pyfuse3's thread once the mount runs."""
+        with contextlib.suppress(OSError, RuntimeError):
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
 
     def is_open(self, ino: int) -> bool:
         return ino in self.open_files or ino in self.detached or (
@@ -226,6 +234,10 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
         of = self.open_files.get(inode)
+        if of is None and self.reg.get(inode) is None:
+            # The kernel writes back the times of every file it unlinks (a SETATTR right
+            # after the UNLINK): answered from a read transaction, not a write one.
+            raise FUSEError(errno.ENOENT)
         if (of is not None and of.dirty and not (fields.update_size or fields.update_mode
                                                  or fields.update_uid or fields.update_gid)):
             # Times on a file being written (the kernel sends them before every flush with
@@ -350,10 +362,7 @@ class Operations(pyfuse3.Operations):
         if node.local == LOCAL_FULL:
             return
         self.store.create_empty(node.ino)
-        with self.reg.db.begin(write=True) as txn:
-            cur = self.reg.get_txn(txn, node.ino)
-            if cur is not None and cur.local != LOCAL_FULL:
-                self.reg.set_local(txn, cur, LOCAL_FULL)
+        self.reg.make_local(node.ino)
 
     def _open_file(self, ino: int, create: bool = False) -> OpenFile:
         of = self.open_files.get(ino)
@@ -423,13 +432,22 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
         self._check_writable()
-        node = self.reg.mknode(parent_inode, name, stat.S_IFREG | (mode & 0o7777),
-                               ctx.uid, ctx.gid, opened=True)
+        made: list[tuple[int, int]] = []  # (ino, descriptor) of the content file
+
+        def make_content(ino: int) -> int:
+            fd = self.store.open(ino, create=True)
+            made.append((ino, fd))
+            return os.fstat(fd).st_ctime_ns
+
         try:
-            of = self._open_file(node.ino, create=True)
-        except OSError:
-            self.reg.unlink(parent_inode, name, want_dir=False)
+            node = self.reg.mknode(parent_inode, name, stat.S_IFREG | (mode & 0o7777),
+                                   ctx.uid, ctx.gid, opened=True, content=make_content)
+        except BaseException:
+            for ino, fd in made:  # the transaction failed after the content file was made
+                os.close(fd)
+                self.store.remove(ino)
             raise
+        of = self.open_files[node.ino] = OpenFile(node.ino, made[0][1], refs=1)
         of.writers += 1
         of.dirty = True  # committed (and journaled) at the first flush, even if empty
         if self.space is not None:
@@ -601,7 +619,9 @@ class Operations(pyfuse3.Operations):
     def _drop_content(self, ino: int) -> None:
         """An inode's content is gone for good: its file, and its place in the LRU order
         (which otherwise kept every inode ever created, deleted or not)."""
-        self.store.remove(ino)
+        # a .part file exists only while a download of the inode is registered (the fetcher
+        # renames or removes it when the download ends, recovery after a crash)
+        self.store.remove(ino, part=self.fetcher is not None and ino in self.fetcher.downloads)
         if self.space is not None:
             self.space.forget(ino)
 

@@ -448,6 +448,7 @@ class Sync:
                       os.fsdecode(path), exc)
             return
         self._invalidate(node, False)
+        reg.entry_added(parent, cbase)  # the kernel may hold a negative entry of that name
         made = self.records.take_theirs(rec, path)
         if made is not None:
             self._invalidate(made, False)
@@ -502,6 +503,8 @@ class Sync:
         if replaced is not None and gone and stat.S_ISREG(replaced.mode):
             self.store.remove(replaced.ino)
         self._invalidate(node, False)
+        # and the name it took: a negative entry of it, or the file it replaced
+        reg.entry_added(parent, dst.rpartition(b"/")[2])
         self._rmdirs(src.rpartition(b"/")[0])
 
     def _mkdirs(self, dirpath: bytes) -> int | None:
@@ -510,6 +513,7 @@ class Sync:
             child = self.reg.lookup(ino, part)
             if child is None:
                 child = self.reg.mknode(ino, part, stat.S_IFDIR | 0o755, 0, 0)
+                self.reg.entry_added(ino, part)
             elif not stat.S_ISDIR(child.mode):
                 return None
             ino = child.ino

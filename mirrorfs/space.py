@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import lmdb
 import trio
 
-from mirrorfs.cache.db import F_ORPHAN, F_PINNED, LOCAL_FULL, LOCAL_NONE, Inode
+from mirrorfs.cache.db import F_ORPHAN, F_PINNED, LOCAL_FULL, Inode
 from mirrorfs.errors import CacheFull
 
 if TYPE_CHECKING:
@@ -147,16 +147,12 @@ class Space:
 
     def evict(self, ino: int, force_pinned: bool = False) -> int | None:
         """Drop the local copy of a clean file; None if it is not clean (or not local)."""
-        with self.reg.db.begin(write=True) as txn:
-            node = self.reg.get_txn(txn, ino)
-            if node is None or node.local != LOCAL_FULL:
-                self.lru.pop(ino, None)
-                return None
-            if force_pinned and node.flags & F_PINNED:
-                node.flags &= ~F_PINNED
-            if not self.evictable(txn, node):
-                return None
-            self.reg.set_local(txn, node, LOCAL_NONE)
+        node, dropped = self.reg.drop_local(ino, self.evictable, force_pinned)
+        if node is None:
+            self.lru.pop(ino, None)
+            return None
+        if not dropped:
+            return None
         self.store.remove(ino)
         self.lru.pop(ino, None)
         self.stats.bump("evictions")
@@ -204,6 +200,12 @@ class Space:
             self._refresh(force=True)
 
     def committed(self, nbytes: int) -> None:
+        """A handle committed ``nbytes`` written through it: they are dirty bytes now. Moved
+        over in the estimate rather than read again (a re-read here made every small file's
+        next write pay a statvfs and two read transactions): dirty_bytes grows by at most
+        that much (local_bytes too), so the bounds stay conservative until the next reading
+        (at most REFRESH later)."""
         self.unsynced = max(0, self.unsynced - nbytes)
-        self._read_at = 0.0
+        self._dirty += nbytes
+        self._local += nbytes
 

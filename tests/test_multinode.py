@@ -23,7 +23,7 @@ def node(make_mount: Any, s3: Any, name: str, leader: str = "remote", **top: Any
     opts = {"type": "s3", **s3.options(), "pull": True, "pull_interval": 0.5,
             "leader": leader, "rescan_interval": 3600}
     return make_mount({"shared": opts}, name=name, node_id=name, upload_delay=0.3,
-                      attr_timeout=0.5, **top)
+                      **top)  # attr_timeout: the default (300 s): pulls invalidate
 
 
 def read_or_none(p: Path) -> bytes | None:

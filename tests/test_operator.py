@@ -458,6 +458,25 @@ def test_import_makes_folder_markers_directories(make_mount: Any, s3: Any) -> No
     assert admin(m, "import", "s3")["dirs"] == 0  # a rerun adds nothing
 
 
+def test_import_shows_names_the_kernel_had_cached_as_missing(make_mount: Any, s3: Any) -> None:
+    """Entries are cached for attr_timeout (300 s by default), negative ones too: a name
+    looked up before an import made it must show right after the import, and the
+    directory's new attributes with it (the import invalidates the entries it adds)."""
+    m = make_mount({"s3": {"type": "s3", **s3.options()}}, upload_delay=3600)
+    (m.path / "photos").mkdir()
+    assert not (m.path / "photos" / "a.jpg").exists()  # a negative entry, now cached
+    assert not (m.path / "new").exists()
+    mtime = os.stat(m.path / "photos").st_mtime_ns
+    c = s3.client()
+    c.put_object(Bucket=s3.bucket, Key="photos/a.jpg", Body=b"jpeg")
+    c.put_object(Bucket=s3.bucket, Key="new/b.jpg", Body=b"b")
+    r = admin(m, "import", "s3")
+    assert r["added"] == 2, r
+    assert (m.path / "photos" / "a.jpg").read_bytes() == b"jpeg"
+    assert (m.path / "new" / "b.jpg").read_bytes() == b"b"
+    assert os.stat(m.path / "photos").st_mtime_ns != mtime
+
+
 def test_url_finds_the_mount_from_the_path(make_mount: Any, s3: Any) -> None:
     m = make_mount({"s3": {"type": "s3", **s3.options(url_base="https://cdn.example.com")}},
                    upload_delay=3600)

@@ -73,3 +73,33 @@ def test_supersede_leaves_a_file_alone_while_one_of_its_jobs_runs(tmp_path: Path
         assert reg.supersede(txn, node) is None
     assert reg.lookup(ROOT_INO, b"doc").ino == ino  # type: ignore[union-attr]
     assert counters(reg) == before
+
+
+def test_inode_numbers_are_never_handed_out_twice(tmp_path: Path) -> None:
+    """Numbers come from blocks reserved in LMDB: one failed create (its transaction, and
+    with it a block reservation, aborted) and a restart reuse none that was committed."""
+    import errno
+
+    import pytest
+
+    from mirrorfs.cache.registry import FsError
+
+    db = Database(str(tmp_path / "meta"))
+    reg = Registry(db, [], 0.0)
+    seen = [reg.mknode(ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644, 0, 0).ino for i in range(300)]
+
+    def fail(ino: int) -> int:
+        raise FsError(errno.ENOSPC)
+
+    for i in range(300):  # aborted creates, across block boundaries
+        with pytest.raises(FsError):
+            reg.mknode(ROOT_INO, b"g%d" % i, stat.S_IFREG | 0o644, 0, 0, content=fail)
+        seen.append(reg.mknode(ROOT_INO, b"h%d" % i, stat.S_IFREG | 0o644, 0, 0).ino)
+    reg2 = Registry(db, [], 0.0)  # a restart (the daemon's in-memory block is gone)
+    seen += [reg2.mknode(ROOT_INO, b"k%d" % i, stat.S_IFREG | 0o644, 0, 0).ino
+             for i in range(300)]
+    assert len(set(seen)) == len(seen)
+    with db.begin() as txn:
+        inos = [reg2.lookup_txn(txn, ROOT_INO, b"f0"), reg2.lookup_txn(txn, ROOT_INO, b"k299")]
+    assert all(n is not None for n in inos)
+    db.close()

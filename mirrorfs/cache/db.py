@@ -4,7 +4,9 @@ Owns the on-disk layout of the registry. Every sentinel value is documented here
 
 Sub-databases (all keys big-endian so that cursor order is numeric order):
 
-``meta``      b"schema" -> version; b"next_ino" -> >Q next inode number (never reused);
+``meta``      b"schema" -> version; b"next_ino" -> >Q no inode number at or above it was ever
+              handed out (numbers are never reused; the registry reserves them in blocks,
+              see Registry._new_ino, so a restart skips the rest of a block);
               b"paused:" + mirror name -> JSON {"since": unix time, "by": user}: uploads to
               that mirror paused by ``mirrorfs pause`` (survives a remount; resume deletes it).
               b"registry_id" -> 16 hex digits made with the registry, written into the

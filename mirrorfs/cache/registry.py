@@ -53,6 +53,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 NAME_MAX = 255
 LINK_MAX = 65000  # names of one inode (ext4 allows 65000)
+INO_BLOCK = 256  # inode numbers reserved per write of meta's next_ino (see _new_ino)
 
 
 class FsError(OSError):
@@ -111,6 +112,11 @@ class Registry:
         self.chunks = db.db["chunks"]
         self.links = db.db["links"]
         self.is_open: Callable[[int], bool] = lambda ino: False
+        self._ino_next: int | None = None  # see _new_ino
+        #: an entry made behind the kernel's back (import, pull's new files): the mount makes
+        #: the kernel forget what it cached of that name (a negative entry, the directory's
+        #: attributes), which it may otherwise keep for ``attr_timeout`` (fs.Operations)
+        self.entry_added: Callable[[int, bytes], None] = lambda parent, name: None
         self._ensure_root()
 
     # ----------------------------------------------------------------- reading
@@ -183,8 +189,10 @@ class Registry:
     def paths_txn(self, txn: lmdb.Transaction, node: Inode) -> list[bytes]:
         """Every path of ``node`` (one per hard link), primary first; none if unlinked."""
         paths = [self.path_at(txn, p, n) for p, n in self.names_txn(txn, node)]
+        if len(paths) < 2:
+            return paths
         primary = self.path_txn(txn, node)
-        if len(paths) > 1 and primary in paths:
+        if primary in paths:
             paths.remove(primary)
             paths.insert(0, primary)
         return paths
@@ -338,12 +346,22 @@ class Registry:
     # ----------------------------------------------------------------- changing
 
     def _new_ino(self, txn: lmdb.Transaction) -> int:
+        """A fresh inode number. The persisted ``next_ino`` is moved INO_BLOCK ahead at a
+        time and the numbers below it handed out from memory, so that a create dirties no
+        page of ``meta`` (an LMDB page write per sub-database a commit touches). Every number
+        handed out is below the persisted one; after a restart the rest of a block is skipped.
+        A block reserved in a transaction that aborted is noticed at the next call (memory
+        ahead of the persisted value) and reserved again."""
         meta = self.db.db["meta"]
         v = txn.get(b"next_ino", db=meta)
         if v is None:  # written when the database is made (db.open): never missing
             raise RuntimeError("LMDB meta has no next_ino: the cache database is damaged")
-        ino: int = U64.unpack(v)[0]
-        txn.put(b"next_ino", U64.pack(ino + 1), db=meta)
+        limit: int = U64.unpack(v)[0]
+        if self._ino_next is None or not limit - INO_BLOCK <= self._ino_next < limit:
+            self._ino_next = limit
+            txn.put(b"next_ino", U64.pack(limit + INO_BLOCK), db=meta)
+        ino = self._ino_next
+        self._ino_next += 1
         return ino
 
     def _dir_for_change(self, txn: lmdb.Transaction, parent: int) -> Inode:
@@ -353,9 +371,17 @@ class Registry:
         return d
 
     def mknode(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-               rdev: int = 0, target: bytes = b"", opened: bool = False) -> Inode:
+               rdev: int = 0, target: bytes = b"", opened: bool = False,
+               content: Callable[[int], int] | None = None) -> Inode:
         """Create an entry. ``opened``: a regular file created by create(2), open for writing;
-        it is journaled when its handle first commits (one transaction less per new file)."""
+        it is journaled when its handle first commits (one transaction less per new file).
+
+        ``content(ino)`` makes the content file inside the transaction (if it raises, nothing
+        is created) and returns its ctime, which stamps the new inode. Why: the kernel stamps
+        the first write with its own clock, which on multigrain-timestamp kernels (6.13+) is
+        the coarse clock raised to the last fine-grained time it handed out; a time that
+        differs makes it send a SETATTR of the times at close (one more transaction per file,
+        measured on ~all small files). The cache file's ctime is that very clock reading."""
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         now = now_ns()
@@ -368,6 +394,9 @@ class Registry:
                 if stat.S_ISDIR(mode):
                     mode |= stat.S_ISGID
             ino = self._new_ino(txn)
+            if content is not None:
+                # never older than our clock (a cache file system with coarse timestamps)
+                now = max(now, content(ino))
             is_dir = stat.S_ISDIR(mode)
             size = len(target) if stat.S_ISLNK(mode) else 0
             node = Inode(ino, parent, mode, uid, gid, 2 if is_dir else 1, size, now, now, now,
@@ -474,6 +503,31 @@ class Registry:
             bump_counter(txn, self.counters, b"local_bytes", sign * node.size)
         node.local = local
         self._put(txn, node)
+
+    def make_local(self, ino: int) -> None:
+        """A remote-only file is about to be emptied (O_TRUNC, truncate to 0) and its caller
+        has made an empty content file: the file is local from now on."""
+        with self.db.begin(write=True) as txn:
+            node = self.get_txn(txn, ino)
+            if node is not None and node.local != LOCAL_FULL:
+                self.set_local(txn, node, LOCAL_FULL)
+
+    def drop_local(self, ino: int, evictable: Callable[[lmdb.Transaction, Inode], bool],
+                   force_pinned: bool = False) -> tuple[Inode | None, bool]:
+        """Evict: make a local file remote-only if ``evictable`` says so (in the same
+        transaction). Returns (the inode or None, whether it was made remote-only); the
+        caller removes the content file after this commit (a crash in between leaves a
+        stray file, which the startup check removes)."""
+        with self.db.begin(write=True) as txn:
+            node = self.get_txn(txn, ino)
+            if node is None or node.local != LOCAL_FULL:
+                return None, False
+            if force_pinned and node.flags & F_PINNED:
+                node.flags &= ~F_PINNED
+            if not evictable(txn, node):
+                return node, False
+            self.set_local(txn, node, LOCAL_NONE)
+        return node, True
 
     def _unlink_txn(self, txn: lmdb.Transaction, parent: Inode, name: bytes,
                     node: Inode, now: int) -> bool:
@@ -867,6 +921,7 @@ class Registry:
                 parent.mtime_ns = parent.ctime_ns = now
                 self._put(txn, parent)
                 bump_counter(txn, self.counters, b"dirs", 1)
+                self.entry_added(parent.ino, part)
                 status = "added"
             elif not stat.S_ISDIR(child.mode):
                 return "blocked"
@@ -897,6 +952,7 @@ class Registry:
                 parent.mtime_ns = parent.ctime_ns = now
                 self._put(txn, parent)
                 bump_counter(txn, self.counters, b"dirs", 1)
+                self.entry_added(parent.ino, part)
             elif not stat.S_ISDIR(child.mode):
                 return "blocked", None
             parent = child
@@ -923,4 +979,5 @@ class Registry:
         bump_counter(txn, self.counters, b"bytes", size)
         self.set_remote(txn, mirror, ino, RemoteCopy(key, 1, digest or ZERO_HASH, size,
                                                      node.mode, mtime_ns))
+        self.entry_added(parent.ino, name)
         return "added", node

@@ -47,8 +47,10 @@ class Store:
         except FileNotFoundError:
             return None
 
-    def remove(self, ino: int) -> None:
-        for p in (self.path(ino), self.part_path(ino)):
+    def remove(self, ino: int, part: bool = True) -> None:
+        """Remove the content file, and with ``part`` a download's ``.part`` file too (a
+        caller that knows no download of ``ino`` runs saves an unlink per file)."""
+        for p in (self.path(ino), self.part_path(ino)) if part else (self.path(ino),):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
 
